@@ -1,0 +1,255 @@
+"""Gemma 3n text-decoder configuration: built-in variants and Hugging Face config.json parsing.
+
+`TextConfig` is the single source of truth for shapes used by the model, the checkpoint
+name map and the bundle manifest. It is frozen and JSON-serialisable so it can be stored
+in manifest.json and rebuilt by the runtime without transformers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from converter.errors import CheckpointError
+
+SLIDING = "sliding_attention"
+FULL = "full_attention"
+
+# Special token ids shared by every Gemma 3n checkpoint (DESIGN.md).
+PAD_ID, EOS_ID, BOS_ID, END_OF_TURN_ID = 0, 1, 2, 106
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    vocab_size: int
+    vocab_size_per_layer_input: int
+    hidden_size: int
+    hidden_size_per_layer_input: int
+    intermediate_sizes: tuple[int, ...]
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    num_kv_shared_layers: int
+    layer_types: tuple[str, ...]
+    activation_sparsity: tuple[float, ...]
+    sliding_window: int = 512
+    rope_theta_local: float = 10_000.0
+    rope_theta_global: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    final_logit_softcap: float | None = 30.0
+    altup_num_inputs: int = 4
+    altup_active_idx: int = 0
+    altup_correct_scale: bool = True
+    laurel_rank: int = 64
+    pad_token_id: int = PAD_ID
+    bos_token_id: int = BOS_ID
+    eos_token_ids: tuple[int, ...] = (EOS_ID, END_OF_TURN_ID)
+    name: str = field(default="custom", compare=False)
+
+    def __post_init__(self) -> None:
+        n = self.num_layers
+        if len(self.layer_types) != n or len(self.activation_sparsity) != n:
+            raise ValueError("layer_types, intermediate_sizes and activation_sparsity need one entry per layer")
+        if not set(self.layer_types) <= {SLIDING, FULL}:
+            raise ValueError(f"unknown layer types {set(self.layer_types) - {SLIDING, FULL}}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError("num_heads must be a multiple of num_kv_heads")
+        if not 0 <= self.num_kv_shared_layers < n:
+            raise ValueError("num_kv_shared_layers must be in [0, num_layers)")
+        owners = self.layer_types[: self.first_kv_shared_layer]
+        missing = set(self.layer_types[self.first_kv_shared_layer :]) - set(owners)
+        if missing:
+            raise ValueError(f"KV-shared layers of type {missing} have no earlier layer of that type to read from")
+
+    # ---- derived structure -------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.intermediate_sizes)
+
+    @property
+    def first_kv_shared_layer(self) -> int:
+        return self.num_layers - self.num_kv_shared_layers
+
+    def is_kv_shared(self, layer: int) -> bool:
+        return layer >= self.first_kv_shared_layer and self.num_kv_shared_layers > 0
+
+    def kv_source_layer(self, layer: int) -> int:
+        """The layer whose K/V `layer` attends to: itself, or for a shared layer the last
+        non-shared layer of the same attention type."""
+        if not self.is_kv_shared(layer):
+            return layer
+        owners = self.layer_types[: self.first_kv_shared_layer]
+        return max(i for i, t in enumerate(owners) if t == self.layer_types[layer])
+
+    @property
+    def kv_cache_layers(self) -> tuple[int, ...]:
+        """Layers that own a KV cache, in cache-slot order (slot i <-> kv_cache_k_i / kv_cache_v_i)."""
+        return tuple(range(self.first_kv_shared_layer))
+
+    def is_sliding(self, layer: int) -> bool:
+        return self.layer_types[layer] == SLIDING
+
+    @property
+    def embed_scale(self) -> float:
+        return self.hidden_size**0.5
+
+    @property
+    def per_layer_embed_scale(self) -> float:
+        return self.hidden_size_per_layer_input**0.5
+
+    @property
+    def per_layer_width(self) -> int:
+        return self.num_layers * self.hidden_size_per_layer_input
+
+    # ---- (de)serialisation --------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TextConfig":
+        tuples = {"intermediate_sizes", "layer_types", "activation_sparsity", "eos_token_ids"}
+        return cls(**{k: tuple(v) if k in tuples else v for k, v in d.items()})
+
+    def replace(self, **changes) -> "TextConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _default_layer_types(num_layers: int) -> tuple[str, ...]:
+    return tuple(FULL if (i + 1) % 5 == 0 else SLIDING for i in range(num_layers))
+
+
+def _real_variant(name: str, num_layers: int, ffn: int, num_kv_shared: int) -> TextConfig:
+    return TextConfig(
+        name=name,
+        vocab_size=262_400,
+        vocab_size_per_layer_input=262_144,
+        hidden_size=2048,
+        hidden_size_per_layer_input=256,
+        intermediate_sizes=(ffn,) * num_layers,
+        num_heads=8,
+        num_kv_heads=2,
+        head_dim=256,
+        num_kv_shared_layers=num_kv_shared,
+        layer_types=_default_layer_types(num_layers),
+        activation_sparsity=(0.95,) * 10 + (0.0,) * (num_layers - 10),
+    )
+
+
+def tiny_config() -> TextConfig:
+    """A few-layer model that still exercises every mechanism: both attention types in the
+    KV-shared region, a sliding window shorter than test prompts, activation sparsity."""
+    num_layers = 7
+    return TextConfig(
+        name="tiny",
+        vocab_size=640,
+        vocab_size_per_layer_input=512,
+        hidden_size=64,
+        hidden_size_per_layer_input=8,
+        intermediate_sizes=(128, 128, 96, 128, 128, 128, 96),
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        num_kv_shared_layers=3,
+        # slots 0..3 own caches; 4 (full), 5 (sliding) and 6 (full) read layer 3 / 2 / 3.
+        layer_types=(SLIDING, SLIDING, SLIDING, FULL, FULL, SLIDING, FULL),
+        activation_sparsity=(0.95, 0.95, 0.0, 0.0, 0.0, 0.0, 0.0),
+        sliding_window=8,
+        laurel_rank=4,
+    )
+
+
+VARIANTS = {
+    "tiny": tiny_config,
+    "e2b": lambda: _real_variant("e2b", num_layers=30, ffn=8192, num_kv_shared=10),
+    "e4b": lambda: _real_variant("e4b", num_layers=35, ffn=16384, num_kv_shared=15),
+}
+
+
+def variant_config(name: str) -> TextConfig:
+    try:
+        return VARIANTS[name]()
+    except KeyError:
+        raise ValueError(f"unknown variant {name!r}; choose one of {', '.join(VARIANTS)}") from None
+
+
+def text_config_from_hf(hf: dict, name: str = "custom") -> TextConfig:
+    """Build a TextConfig from a parsed Hugging Face config.json (Gemma3nConfig or Gemma3nTextConfig).
+
+    transformers' own config classes do the parsing so that every historical spelling
+    (rope_theta / rope_local_base_freq vs rope_parameters, int vs per-layer intermediate_size)
+    is handled exactly as the reference model handles it.
+    """
+    from transformers import Gemma3nConfig, Gemma3nTextConfig
+
+    model_type = hf.get("model_type")
+    try:
+        if model_type == "gemma3n":
+            text = Gemma3nConfig.from_dict(hf).get_text_config()
+        elif model_type == "gemma3n_text":
+            text = Gemma3nTextConfig.from_dict(hf)
+        else:
+            raise CheckpointError(
+                f"config.json has model_type {model_type!r}; g3n converts Gemma 3n checkpoints "
+                "(model_type 'gemma3n' or 'gemma3n_text')"
+            )
+    except CheckpointError:
+        raise
+    except Exception as exc:  # transformers raises many types for malformed configs
+        raise CheckpointError(f"config.json is not a valid Gemma 3n config: {exc}") from exc
+
+    eos = text.eos_token_id if isinstance(text.eos_token_id, list) else [text.eos_token_id]
+    rope = text.rope_parameters
+    for layer_type in (SLIDING, FULL):
+        if rope[layer_type].get("rope_type", "default") != "default":
+            raise CheckpointError(f"unsupported RoPE type {rope[layer_type]['rope_type']!r} for {layer_type}")
+    if text.hidden_activation != "gelu_pytorch_tanh":
+        raise CheckpointError(f"unsupported hidden_activation {text.hidden_activation!r}")
+    return TextConfig(
+        name=name,
+        vocab_size=text.vocab_size,
+        vocab_size_per_layer_input=text.vocab_size_per_layer_input,
+        hidden_size=text.hidden_size,
+        hidden_size_per_layer_input=text.hidden_size_per_layer_input,
+        intermediate_sizes=tuple(text.intermediate_size),
+        num_heads=text.num_attention_heads,
+        num_kv_heads=text.num_key_value_heads,
+        head_dim=text.head_dim,
+        num_kv_shared_layers=text.num_kv_shared_layers,
+        layer_types=tuple(text.layer_types),
+        activation_sparsity=tuple(float(s) for s in text.activation_sparsity_pattern),
+        sliding_window=text.sliding_window,
+        rope_theta_local=float(rope[SLIDING]["rope_theta"]),
+        rope_theta_global=float(rope[FULL]["rope_theta"]),
+        rms_norm_eps=text.rms_norm_eps,
+        final_logit_softcap=text.final_logit_softcapping,
+        altup_num_inputs=text.altup_num_inputs,
+        altup_active_idx=text.altup_active_idx,
+        altup_correct_scale=text.altup_correct_scale,
+        laurel_rank=text.laurel_rank,
+        pad_token_id=text.pad_token_id if text.pad_token_id is not None else PAD_ID,
+        bos_token_id=text.bos_token_id if text.bos_token_id is not None else BOS_ID,
+        eos_token_ids=tuple(dict.fromkeys([*eos, END_OF_TURN_ID])),
+    )
+
+
+def load_hf_config(checkpoint_dir: Path) -> tuple[dict, TextConfig]:
+    path = Path(checkpoint_dir) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{checkpoint_dir} has no config.json; is it a Hugging Face checkpoint folder?")
+    try:
+        hf = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object")
+    return hf, text_config_from_hf(hf, name=Path(checkpoint_dir).name)
+
+
+def gaussian_topk_multiplier(sparsity: float) -> float:
+    """z such that P(N(0,1) < z) = sparsity, computed in float32 exactly as the reference does."""
+    import torch
+
+    return float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(sparsity, dtype=torch.float32)))
+
