@@ -251,5 +251,7 @@ def gaussian_topk_multiplier(sparsity: float) -> float:
     """z such that P(N(0,1) < z) = sparsity, computed in float32 exactly as the reference does."""
     import torch
 
-    return float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(sparsity, dtype=torch.float32)))
+    with torch.device("cpu"):  # also when the model is being built on the meta device
+        z = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(sparsity, dtype=torch.float32))
+    return float(z)
 

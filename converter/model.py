@@ -96,8 +96,8 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         k = rope(self.k_norm(self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)), cos, sin)
         v = self.v_norm(self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim))
-        zero = torch.zeros_like(input_pos[:1])
-        start = input_pos[:1]
+        start = input_pos[0]  # 0-d: positions of one call are contiguous
+        zero = torch.zeros_like(start)
         k_cache = dynamic_update_slice(k_cache, k.permute(0, 2, 1, 3), [zero, zero, start, zero])
         v_cache = dynamic_update_slice(v_cache, v.permute(0, 2, 3, 1), [zero, zero, zero, start])
         return k_cache, v_cache
@@ -236,11 +236,17 @@ class TextDecoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(L))
         self.norm = RMSNorm(h, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(h, cfg.vocab_size, bias=False)  # tied to embed_tokens in checkpoints
+        # Slot of the cache each layer reads (KV-shared layers read their source layer's slot).
+        self.cache_slot = [cfg.kv_cache_layers.index(cfg.kv_source_layer(i)) for i in range(L)]
+        self.init_buffers()
+
+    def init_buffers(self) -> None:
+        """(Re)compute the RoPE frequency tables; called again after weights are materialised
+        on a model that was built on the meta device."""
+        cfg = self.cfg
         for name, theta in (("inv_freq_local", cfg.rope_theta_local), ("inv_freq_global", cfg.rope_theta_global)):
             inv_freq = 1.0 / (theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
             self.register_buffer(name, inv_freq, persistent=False)
-        # Slot of the cache each layer reads (KV-shared layers read their source layer's slot).
-        self.cache_slot = [cfg.kv_cache_layers.index(cfg.kv_source_layer(i)) for i in range(L)]
 
     # -- helpers -------------------------------------------------------------------------
     def _rope_tables(self, input_pos: torch.Tensor, inv_freq: torch.Tensor):

@@ -1,0 +1,216 @@
+"""Weights for the text bundles: a strict Hugging Face safetensors reader, or seeded random weights.
+
+Both sources answer `tensor(name)` for our parameter names ("decoder.layers.3.mlp.up_proj.weight"),
+so a bundle materialises only the weights it owns, one tensor at a time.
+
+Safety: only safetensors are ever opened. Pickle-based files (.bin/.pt/...) are refused, never
+unpickled. The name map below is the single declaration of how Hugging Face names map to ours;
+opening a checkpoint fails, naming every tensor, if anything is missing, unmapped or misshapen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from converter.config import TextConfig
+from converter.errors import CheckpointError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+# Language-model prefixes: Gemma3nForConditionalGeneration, then Gemma3nForCausalLM / TextModel.
+LM_PREFIXES = ("model.language_model.", "model.", "")
+
+# --- The name map: our name -> Hugging Face name (relative to the language-model prefix). ---
+GLOBAL_TENSORS = {
+    "embedder.embed_tokens.weight": "embed_tokens.weight",
+    "ple.embed_tokens_per_layer.weight": "embed_tokens_per_layer.weight",
+    "decoder.per_layer_model_projection.weight": "per_layer_model_projection.weight",
+    "decoder.per_layer_projection_norm.weight": "per_layer_projection_norm.weight",
+    "decoder.norm.weight": "norm.weight",
+    "decoder.lm_head.weight": "embed_tokens.weight",  # tied; an explicit lm_head.weight wins
+}
+ALTUP_PROJECTIONS = ("altup_projections.{j}.weight", "altup_unembed_projections.{j}.weight")
+LAYER_TENSORS = (
+    "self_attn.q_proj.weight",
+    "self_attn.q_norm.weight",
+    "self_attn.o_proj.weight",
+    "mlp.gate_proj.weight",
+    "mlp.up_proj.weight",
+    "mlp.down_proj.weight",
+    "input_layernorm.weight",
+    "post_attention_layernorm.weight",
+    "pre_feedforward_layernorm.weight",
+    "post_feedforward_layernorm.weight",
+    "altup.correct_output_scale",
+    "altup.correction_coefs.weight",
+    "altup.prediction_coefs.weight",
+    "altup.modality_router.weight",
+    "altup.router_norm.weight",
+    "laurel.linear_left.weight",
+    "laurel.linear_right.weight",
+    "laurel.post_laurel_norm.weight",
+    "per_layer_input_gate.weight",
+    "per_layer_projection.weight",
+    "post_per_layer_input_norm.weight",
+)
+KV_OWNER_TENSORS = ("self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.k_norm.weight")
+
+# Present in checkpoints but not part of the text bundles. Shared layers' K/V weights are
+# never used (those layers read another layer's cache); encoders belong to their own bundles.
+IGNORED_PATTERNS = (
+    r"^model\.(vision_tower|audio_tower|embed_vision|embed_audio)\.",
+    r"^lm_head\.weight$",
+)
+
+
+def text_name_map(cfg: TextConfig) -> dict[str, str]:
+    names = dict(GLOBAL_TENSORS)
+    for j in range(cfg.altup_num_inputs - 1):
+        for template in ALTUP_PROJECTIONS:
+            names[f"decoder.{template.format(j=j)}"] = template.format(j=j)
+    for i in range(cfg.num_layers):
+        owned = LAYER_TENSORS + (KV_OWNER_TENSORS if not cfg.is_kv_shared(i) else ())
+        for t in owned:
+            names[f"decoder.layers.{i}.{t}"] = f"layers.{i}.{t}"
+    return names
+
+
+def shared_kv_names(cfg: TextConfig) -> set[str]:
+    return {f"layers.{i}.{t}" for i in range(cfg.num_layers) if cfg.is_kv_shared(i) for t in KV_OWNER_TENSORS}
+
+
+def _fmt(names: Iterable[str], limit: int = 20) -> str:
+    names = sorted(names)
+    more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+class SafetensorsCheckpoint:
+    """A Hugging Face checkpoint folder, memory-mapped, validated against `cfg` on open."""
+
+    def __init__(self, folder: Path, cfg: TextConfig, expected_shapes: dict[str, tuple[int, ...]]):
+        self.folder = Path(folder)
+        self.cfg = cfg
+        files = sorted(self.folder.glob("*.safetensors"))
+        if not files:
+            pickles = [p.name for p in self.folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
+            if pickles:
+                raise CheckpointError(
+                    f"{folder} holds only pickle weights ({_fmt(pickles)}); g3n never unpickles files. "
+                    "Re-save the model with save_pretrained(..., safe_serialization=True)"
+                )
+            raise CheckpointError(f"{folder} has no *.safetensors weight files")
+        self.files = files
+        self._handles = {}
+        self._where: dict[str, Path] = {}
+        for f in files:
+            try:
+                handle = safe_open(str(f), framework="pt")
+                keys = list(handle.keys())
+            except (SafetensorError, OSError, ValueError) as exc:
+                raise CheckpointError(f"{f.name} is not a readable safetensors file ({exc})") from exc
+            self._handles[f] = handle
+            for k in keys:
+                self._where[k] = f
+
+        self.prefix = next(
+            (p for p in LM_PREFIXES if f"{p}embed_tokens.weight" in self._where),
+            None,
+        )
+        if self.prefix is None:
+            raise CheckpointError(
+                f"{folder} has no embed_tokens.weight under any of {LM_PREFIXES}; "
+                "is this a Gemma 3n checkpoint?"
+            )
+        self.name_map = {ours: self.prefix + hf for ours, hf in text_name_map(cfg).items()}
+        if "lm_head.weight" in self._where:
+            self.name_map["decoder.lm_head.weight"] = "lm_head.weight"
+        self._validate(expected_shapes)
+
+    def _validate(self, expected_shapes: dict[str, tuple[int, ...]]) -> None:
+        mapped = set(self.name_map.values())
+        shared = {self.prefix + n for n in shared_kv_names(self.cfg)}
+        missing = {hf for hf in mapped if hf not in self._where}
+        unmapped = {
+            k
+            for k in self._where
+            if k not in mapped and k not in shared and not any(re.search(p, k) for p in IGNORED_PATTERNS)
+        }
+        problems = []
+        if missing:
+            problems.append(f"missing tensors: {_fmt(missing)}")
+        if unmapped:
+            problems.append(f"unexpected tensors (not in the Gemma 3n name map): {_fmt(unmapped)}")
+        bad_shapes = []
+        for ours, hf in self.name_map.items():
+            if hf in missing:
+                continue
+            shape = tuple(self._handles[self._where[hf]].get_slice(hf).get_shape())
+            if shape != expected_shapes[ours]:
+                bad_shapes.append(f"{hf} is {list(shape)}, config needs {list(expected_shapes[ours])}")
+        if bad_shapes:
+            problems.append("shape mismatch: " + "; ".join(bad_shapes[:10]))
+        if problems:
+            raise CheckpointError(f"{self.folder} does not match its config.json: " + " | ".join(problems))
+
+    def tensor(self, name: str) -> torch.Tensor:
+        hf = self.name_map[name]
+        try:
+            return self._handles[self._where[hf]].get_tensor(hf).to(torch.float32)
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise CheckpointError(f"cannot read {hf} from {self._where[hf].name}: {exc}") from exc
+
+    def fingerprint(self) -> str:
+        """sha256 over the safetensors files and config.json: identifies the source in manifests."""
+        digest = hashlib.sha256()
+        for f in [*self.files, self.folder / "config.json"]:
+            digest.update(f.name.encode())
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 24), b""):
+                    digest.update(block)
+        return digest.hexdigest()
+
+
+class RandomWeights:
+    """Deterministic random weights at any scale: each tensor is drawn from its own generator
+    seeded by (seed, name), so bundles can be built independently and in any order."""
+
+    def __init__(self, cfg: TextConfig, seed: int, expected_shapes: dict[str, tuple[int, ...]]):
+        self.cfg, self.seed, self.shapes = cfg, seed, expected_shapes
+
+    def tensor(self, name: str) -> torch.Tensor:
+        shape = self.shapes[name]
+        digest = hashlib.sha256(f"{self.seed}:{name}".encode()).digest()
+        gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        if name.endswith("norm.weight"):
+            return 1.0 + 0.1 * torch.randn(shape, generator=gen)
+        return (0.02 if len(shape) > 1 else 0.1) * torch.randn(shape, generator=gen)
+
+    def fingerprint(self) -> str:
+        return f"random-weights:seed={self.seed}"
+
+
+def expected_shapes(cfg: TextConfig) -> dict[str, tuple[int, ...]]:
+    """Shapes of every parameter of the three text modules, computed on the meta device (no memory)."""
+    from converter.model import Gemma3nText
+
+    with torch.device("meta"):
+        model = Gemma3nText(cfg)
+    return {n: tuple(p.shape) for n, p in model.named_parameters()}
+
+
+def materialize(module: nn.Module, prefix: str, source) -> nn.Module:
+    """Fill a module built on the meta device with weights from `source`, tensor by tensor."""
+    state = {name: source.tensor(f"{prefix}{name}") for name, _ in module.named_parameters()}
+    module.load_state_dict(state, strict=True, assign=True)
+    for sub in module.modules():
+        if hasattr(sub, "init_buffers"):
+            sub.init_buffers()
+    return module.eval()

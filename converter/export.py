@@ -1,0 +1,172 @@
+"""litert-torch export of the three text bundles with LiteRT-LM's signature conventions.
+
+  text_core.tflite  prefill_<N>: embeddings [1,N,H], per_layer_embeddings [1,N,L,P], input_pos [N] i32,
+                                 mask [1,1,N,C], kv_cache_{k,v}_<i>  ->  kv_cache_{k,v}_<i>
+                    decode:      the same with N = 1            ->  logits [1,1,V], kv_cache_{k,v}_<i>
+  embedder.tflite   prefill_embedder_<N> / decode_embedder: token_ids [1,N] i32 -> embeddings [1,N,H]
+  ple.tflite        prefill_per_layer_embedder_<N> / decode_per_layer_embedder:
+                                 token_ids [1,N] i32 -> embeddings [1,N,L,P]
+
+Prefill writes the cache only (no lm_head over the whole prompt); a runner prefills all but the
+last prompt token and decodes the last one to get the first logits, as LiteRT-LM does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from converter.bundle import atomic_path
+from converter.config import TextConfig
+from converter.errors import ExportError
+from converter.model import PerLayerEmbedder, TextDecoder, TokenEmbedder, empty_kv_cache
+
+
+@dataclass(frozen=True)
+class SignatureSpec:
+    name: str
+    inputs: dict[str, torch.Tensor]  # sample tensors: shapes and dtypes define the signature
+
+
+def _tensor_spec(t: torch.Tensor) -> dict:
+    return {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+
+
+class TextCoreSignature(nn.Module):
+    """Keyword-in / dict-out adapter: names become the .tflite signature tensor names."""
+
+    def __init__(self, decoder: TextDecoder, compute_logits: bool):
+        super().__init__()
+        self.decoder = decoder
+        self.compute_logits = compute_logits
+        self.slots = range(len(decoder.cfg.kv_cache_layers))
+
+    def forward(self, embeddings, per_layer_embeddings, input_pos, mask, **kv_cache):
+        cache = [kv_cache[f"kv_cache_{kind}_{i}"] for i in self.slots for kind in ("k", "v")]
+        logits, cache = self.decoder(embeddings, per_layer_embeddings, input_pos, mask, cache, self.compute_logits)
+        out = {f"kv_cache_{kind}_{i}": cache[2 * i + j] for i in self.slots for j, kind in enumerate(("k", "v"))}
+        if logits is not None:
+            out["logits"] = logits
+        return out
+
+
+class TokenIdsSignature(nn.Module):
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, token_ids):
+        return {"embeddings": self.module(token_ids)}
+
+
+def text_core_inputs(cfg: TextConfig, length: int, cache_length: int) -> dict[str, torch.Tensor]:
+    inputs = {
+        "embeddings": torch.zeros(1, length, cfg.hidden_size),
+        "per_layer_embeddings": torch.zeros(1, length, cfg.num_layers, cfg.hidden_size_per_layer_input),
+        "input_pos": torch.arange(length, dtype=torch.int32),
+        "mask": torch.zeros(1, 1, length, cache_length),
+    }
+    cache = empty_kv_cache(cfg, cache_length)
+    for i in range(len(cfg.kv_cache_layers)):
+        inputs[f"kv_cache_k_{i}"], inputs[f"kv_cache_v_{i}"] = cache[2 * i], cache[2 * i + 1]
+    return inputs
+
+
+def token_inputs(length: int) -> dict[str, torch.Tensor]:
+    return {"token_ids": torch.zeros(1, length, dtype=torch.int32)}
+
+
+@dataclass(frozen=True)
+class BundlePlan:
+    """What one .tflite holds: which module, which signatures."""
+
+    name: str  # text_core / embedder / ple
+    weights_prefix: str  # prefix of the module's parameters in the weight sources
+    signatures: tuple[tuple[str, bool, dict], ...]  # (signature name, logits?, sample inputs)
+
+    @property
+    def file(self) -> str:
+        return f"{self.name}.tflite"
+
+
+def text_bundle_plans(cfg: TextConfig, prefill_lengths: tuple[int, ...], cache_length: int) -> list[BundlePlan]:
+    if any(n < 1 or n > cache_length for n in prefill_lengths):
+        raise ExportError(f"prefill lengths {list(prefill_lengths)} must be between 1 and --cache-length {cache_length}")
+    lengths = sorted(set(prefill_lengths))
+    return [
+        BundlePlan(
+            "embedder",
+            "embedder.",
+            tuple((f"prefill_embedder_{n}", False, token_inputs(n)) for n in lengths)
+            + (("decode_embedder", False, token_inputs(1)),),
+        ),
+        BundlePlan(
+            "ple",
+            "ple.",
+            tuple((f"prefill_per_layer_embedder_{n}", False, token_inputs(n)) for n in lengths)
+            + (("decode_per_layer_embedder", False, token_inputs(1)),),
+        ),
+        BundlePlan(
+            "text_core",
+            "decoder.",
+            tuple((f"prefill_{n}", False, text_core_inputs(cfg, n, cache_length)) for n in lengths)
+            + (("decode", True, text_core_inputs(cfg, 1, cache_length)),),
+        ),
+    ]
+
+
+def build_module(plan: BundlePlan, cfg: TextConfig) -> nn.Module:
+    """The bundle's PyTorch module on the meta device (no memory until materialised)."""
+    cls = {"embedder": TokenEmbedder, "ple": PerLayerEmbedder, "text_core": TextDecoder}[plan.name]
+    with torch.device("meta"):
+        return cls(cfg)
+
+
+def output_specs(bundle: str, sample: dict[str, torch.Tensor], logits: bool, module: nn.Module) -> dict:
+    """Output names, shapes and dtypes of one signature, derived without running the model."""
+    if bundle == "text_core":
+        out = {k: _tensor_spec(v) for k, v in sample.items() if k.startswith("kv_cache_")}
+        if logits:
+            length = sample["embeddings"].shape[1]
+            out["logits"] = {"shape": [1, length, module.cfg.vocab_size], "dtype": "float32"}
+        return out
+    length = sample["token_ids"].shape[1]
+    if bundle == "embedder":
+        width = [module.embed_tokens.embedding_dim]
+    else:
+        width = [module.cfg.num_layers, module.cfg.hidden_size_per_layer_input]
+    return {"embeddings": {"shape": [1, length, *width], "dtype": "float32"}}
+
+
+def convert_to_tflite(plan: BundlePlan, module: nn.Module, out_path: Path) -> dict:
+    """Convert `module` with every signature of `plan` and write it atomically to `out_path`.
+    Returns the manifest's signature table (input / output names, shapes, dtypes)."""
+    import litert_torch
+
+    wrappers = {}
+    builder = None
+    for sig_name, logits, sample in plan.signatures:
+        key = (plan.name, logits)
+        if key not in wrappers:
+            wrappers[key] = TextCoreSignature(module, logits) if plan.name == "text_core" else TokenIdsSignature(module)
+        wrapper = wrappers[key]
+        builder = (litert_torch if builder is None else builder).signature(sig_name, wrapper, sample_kwargs=sample)
+    try:
+        with torch.no_grad():
+            edge_model = builder.convert()
+    except Exception as exc:  # litert-torch surfaces lowering failures as many exception types
+        raise ExportError(f"litert-torch could not convert {plan.file}: {type(exc).__name__}: {exc}") from exc
+
+    signatures = {
+        sig_name: {
+            "inputs": {k: _tensor_spec(v) for k, v in sample.items()},
+            "outputs": output_specs(plan.name, sample, logits, module),
+        }
+        for sig_name, logits, sample in plan.signatures
+    }
+    with atomic_path(out_path) as tmp:
+        edge_model.export(str(tmp))
+    return signatures
