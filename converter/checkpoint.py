@@ -214,3 +214,14 @@ def materialize(module: nn.Module, prefix: str, source) -> nn.Module:
         if hasattr(sub, "init_buffers"):
             sub.init_buffers()
     return module.eval()
+
+
+def load_text_model(folder: Path):
+    """Our PyTorch Gemma 3n text model (embedder + PLE + decoder) from a Hugging Face folder."""
+    from converter.config import load_hf_config
+    from converter.model import Gemma3nText
+
+    _, cfg = load_hf_config(folder)
+    with torch.device("meta"):
+        model = Gemma3nText(cfg)
+    return materialize(model, "", SafetensorsCheckpoint(folder, cfg, expected_shapes(cfg)))

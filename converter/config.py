@@ -143,7 +143,7 @@ def tiny_config() -> TextConfig:
     num_layers = 7
     return TextConfig(
         name="tiny",
-        vocab_size=640,
+        vocab_size=528,  # 512 text + 8 vision + 8 audio ids, as in the real layout
         vocab_size_per_layer_input=512,
         hidden_size=64,
         hidden_size_per_layer_input=8,

@@ -134,8 +134,8 @@ class MLP(nn.Module):
         gate = self.gate_proj(x)
         if self.std_multiplier is not None:
             # Gaussian top-k: keep only activations above mean + z * std (z = 1.645 for 95%).
-            mean = gate.mean(-1, keepdim=True)
-            std = (gate - mean).pow(2).mean(-1, keepdim=True).sqrt()
+            mean = torch.mean(gate, dim=-1, keepdim=True)
+            std = torch.std(gate, dim=-1, keepdim=True, unbiased=False)
             gate = F.relu(gate - (mean + std * self.std_multiplier))
         return self.down_proj(F.gelu(gate, approximate="tanh") * self.up_proj(x))
 
@@ -313,11 +313,11 @@ class TextDecoder(nn.Module):
         return logits, kv_cache
 
 
-def empty_kv_cache(cfg: TextConfig, cache_len: int, batch: int = 1) -> list[torch.Tensor]:
+def empty_kv_cache(cfg: TextConfig, cache_len: int, batch: int = 1, dtype=torch.float32) -> list[torch.Tensor]:
     """Zeroed cache tensors in slot order: [k_0, v_0, k_1, v_1, ...]."""
     k_shape = (batch, cfg.num_kv_heads, cache_len, cfg.head_dim)
     v_shape = (batch, cfg.num_kv_heads, cfg.head_dim, cache_len)
-    return [torch.zeros(s) for _ in cfg.kv_cache_layers for s in (k_shape, v_shape)]
+    return [torch.zeros(s, dtype=dtype) for _ in cfg.kv_cache_layers for s in (k_shape, v_shape)]
 
 
 def causal_mask(input_pos: torch.Tensor, cache_len: int) -> torch.Tensor:

@@ -1,0 +1,204 @@
+"""The conversion pipeline behind g3n-convert: config -> weights -> one bundle at a time -> manifest.
+
+Each bundle's module is built on the meta device and materialised from the weight source just
+before its conversion, then dropped, so peak memory is set by the largest bundle, not the model.
+"""
+
+from __future__ import annotations
+
+import gc
+import platform
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from converter import __version__
+from converter.bundle import FORMAT, FORMAT_VERSION, atomic_path, file_entry, prepare_output_dir, write_manifest
+from converter.checkpoint import RandomWeights, SafetensorsCheckpoint, expected_shapes, materialize
+from converter.config import TextConfig, load_hf_config, variant_config
+from converter.errors import CheckpointError, G3nError
+from converter.export import build_module, convert_to_tflite, text_bundle_plans
+from converter.model import MASK_VALUE
+
+TEXT_BUNDLES = ("embedder", "ple", "text_core")
+QUANT_SCHEMES = ("none", "int8", "int4")
+
+
+@dataclass
+class ConvertOptions:
+    out: Path
+    variant: str | None = None
+    checkpoint: Path | None = None
+    random_weights: bool = False
+    seed: int = 0
+    quant: str = "none"
+    prefill_lengths: tuple[int, ...] = (32, 128)
+    cache_length: int = 1024
+    tokenizer: Path | None = None
+    bundles: tuple[str, ...] = TEXT_BUNDLES
+
+
+@dataclass
+class StageReport:
+    name: str
+    seconds: float
+    peak_rss_bytes: int
+
+
+@dataclass
+class ConvertResult:
+    manifest: dict
+    stages: list[StageReport] = field(default_factory=list)
+
+
+def peak_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def resolve_config(opts: ConvertOptions) -> tuple[TextConfig, Path | None]:
+    """The model config, from the checkpoint's config.json or the named variant."""
+    if opts.checkpoint is not None and opts.random_weights:
+        raise G3nError("give either --checkpoint DIR or --random-weights, not both")
+    if opts.checkpoint is None and not opts.random_weights:
+        raise G3nError(
+            "no weights: pass --checkpoint DIR (a Hugging Face Gemma 3n folder) "
+            "or --random-weights to convert the variant's architecture with random weights"
+        )
+    if opts.checkpoint is not None:
+        folder = Path(opts.checkpoint)
+        if not folder.is_dir():
+            raise CheckpointError(f"checkpoint folder {folder} does not exist")
+        _, cfg = load_hf_config(folder)
+        if opts.variant is not None:
+            expected = variant_config(opts.variant)
+            if expected.replace(name=cfg.name) != cfg:
+                raise CheckpointError(
+                    f"{folder} is not a Gemma 3n {opts.variant} checkpoint (its config.json has "
+                    f"{cfg.num_layers} layers, hidden {cfg.hidden_size}); drop --variant or pick the right one"
+                )
+            cfg = cfg.replace(name=opts.variant)
+        return cfg, folder
+    return variant_config(opts.variant or "e2b"), None
+
+
+def find_tokenizer(opts: ConvertOptions, checkpoint: Path | None) -> Path | None:
+    if opts.tokenizer is not None:
+        if not Path(opts.tokenizer).is_file():
+            raise G3nError(f"--tokenizer {opts.tokenizer} does not exist")
+        return Path(opts.tokenizer)
+    if checkpoint is not None:
+        path = checkpoint / "tokenizer.model"
+        if not path.is_file():
+            raise CheckpointError(f"{checkpoint} has no tokenizer.model (SentencePiece); pass --tokenizer PATH")
+        return path
+    return None
+
+
+def check_tokenizer(path: Path, cfg: TextConfig) -> None:
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.LoadFromSerializedProto(path.read_bytes())
+    except (OSError, RuntimeError) as exc:
+        raise CheckpointError(f"{path} is not a SentencePiece model: {exc}") from exc
+    if sp.get_piece_size() > cfg.vocab_size:
+        raise CheckpointError(
+            f"{path} has {sp.get_piece_size()} pieces but the model's vocabulary is {cfg.vocab_size}"
+        )
+
+
+def convert(opts: ConvertOptions, on_stage: Callable[[str], None] = lambda s: None) -> ConvertResult:
+    if opts.quant not in QUANT_SCHEMES:
+        raise G3nError(f"--quant must be one of {', '.join(QUANT_SCHEMES)}")
+    if opts.quant != "none":
+        raise G3nError(
+            f"--quant {opts.quant} is not available in this version of g3n: the quantization pass has not "
+            "landed yet. Use --quant none for float32 bundles"
+        )
+    unknown = set(opts.bundles) - set(TEXT_BUNDLES)
+    if unknown:
+        raise G3nError(f"unknown bundle(s) {', '.join(sorted(unknown))}; choose from {', '.join(TEXT_BUNDLES)}")
+
+    result = ConvertResult(manifest={})
+    started = time.perf_counter()
+    on_stage("reading config and weights")
+    cfg, checkpoint_dir = resolve_config(opts)
+    shapes = expected_shapes(cfg)
+    if checkpoint_dir is not None:
+        source = SafetensorsCheckpoint(checkpoint_dir, cfg, shapes)
+    else:
+        source = RandomWeights(cfg, opts.seed, shapes)
+    tokenizer = find_tokenizer(opts, checkpoint_dir)
+    if tokenizer is not None:
+        check_tokenizer(tokenizer, cfg)
+    plans = [p for p in text_bundle_plans(cfg, opts.prefill_lengths, opts.cache_length) if p.name in opts.bundles]
+
+    out = Path(opts.out)
+    prepare_output_dir(out)
+    bundles = {}
+    for plan in plans:
+        stage_start = time.perf_counter()
+        on_stage(f"{plan.name}: loading weights")
+        module = materialize(build_module(plan, cfg), plan.weights_prefix, source)
+        params = sum(p.numel() for p in module.parameters())
+        on_stage(f"{plan.name}: converting with litert-torch ({len(plan.signatures)} signatures)")
+        signatures = convert_to_tflite(plan, module, out / plan.file)
+        del module
+        gc.collect()
+        bundles[plan.name] = {
+            **file_entry(out / plan.file),
+            "parameters": params,
+            "quantization": {"scheme": "float32"},
+            "signatures": signatures,
+        }
+        result.stages.append(StageReport(plan.name, time.perf_counter() - stage_start, peak_rss_bytes()))
+
+    files = {}
+    if tokenizer is not None:
+        on_stage("copying tokenizer.model")
+        with atomic_path(out / "tokenizer.model") as tmp:
+            shutil.copyfile(tokenizer, tmp)
+        files["tokenizer"] = file_entry(out / "tokenizer.model")
+
+    on_stage("writing manifest.json")
+    result.manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "variant": cfg.name,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "tool": {"name": "g3n-convert", "version": __version__, **library_versions()},
+        "source": {
+            "kind": "checkpoint" if checkpoint_dir is not None else "random-weights",
+            "path": str(checkpoint_dir) if checkpoint_dir is not None else None,
+            "seed": opts.seed if checkpoint_dir is None else None,
+            "sha256": source.fingerprint(),
+        },
+        "config": cfg.to_dict(),
+        "cache_length": opts.cache_length,
+        "prefill_lengths": sorted(set(opts.prefill_lengths)),
+        "kv_cache_layout": {"k": "[1, kv_heads, cache_length, head_dim]", "v": "[1, kv_heads, head_dim, cache_length]"},
+        "mask": {"attend": 0.0, "blocked": MASK_VALUE, "note": "full-attention mask; sliding layers narrow it in-graph"},
+        "bundles": bundles,
+        "files": files,
+        "conversion_seconds": round(time.perf_counter() - started, 1),
+    }
+    write_manifest(out, result.manifest)
+    return result
+
+
+def library_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": platform.python_version()}
+    for dist in ("torch", "litert-torch", "ai-edge-litert", "transformers"):
+        try:
+            versions[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
+    return versions

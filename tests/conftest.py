@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny random Gemma 3n checkpoints (built once per session) and their bundles.
+
+Set G3N_ARTIFACTS=DIR to keep the converted tiny bundle folder (CI publishes it as an artifact).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from converter.tiny_checkpoint import build_tiny_checkpoint
+
+# Bundle signatures used by the tests: two prefill lengths so chunking and padding are exercised,
+# a cache long enough for a 40-token prompt plus 32 generated tokens.
+TINY_PREFILL = (8, 16)
+TINY_CACHE = 96
+
+
+@pytest.fixture(scope="session")
+def tiny_mm_checkpoint(tmp_path_factory) -> Path:
+    """Gemma3nForConditionalGeneration (text + tiny vision and audio towers), save_pretrained."""
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny_mm"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_text_checkpoint(tmp_path_factory) -> Path:
+    """Gemma3nForCausalLM, save_pretrained (text-only key layout)."""
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny_text"), text_only=True, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_mm_checkpoint, tmp_path_factory) -> Path:
+    from converter.pipeline import ConvertOptions, convert
+
+    artifacts = os.environ.get("G3N_ARTIFACTS")
+    out = Path(artifacts) / "tiny" if artifacts else tmp_path_factory.mktemp("bundle") / "tiny"
+    convert(ConvertOptions(out=out, checkpoint=tiny_mm_checkpoint, prefill_lengths=TINY_PREFILL, cache_length=TINY_CACHE))
+    return out
