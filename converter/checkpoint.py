@@ -36,6 +36,8 @@ GLOBAL_TENSORS = {
     "decoder.norm.weight": "norm.weight",
     "decoder.lm_head.weight": "embed_tokens.weight",  # tied; an explicit lm_head.weight wins
 }
+# Hard-token embedders of the multimodal checkpoint (outside the language-model prefix).
+HARD_TOKEN_TENSORS = ("embedding.weight", "hard_embedding_norm.weight", "embedding_projection.weight")
 ALTUP_PROJECTIONS = ("altup_projections.{j}.weight", "altup_unembed_projections.{j}.weight")
 LAYER_TENSORS = (
     "self_attn.q_proj.weight",
@@ -65,13 +67,20 @@ KV_OWNER_TENSORS = ("self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_
 # Present in checkpoints but not part of the text bundles. Shared layers' K/V weights are
 # never used (those layers read another layer's cache); encoders belong to their own bundles.
 IGNORED_PATTERNS = (
-    r"^model\.(vision_tower|audio_tower|embed_vision|embed_audio)\.",
+    r"^model\.(vision_tower|audio_tower)\.",
+    r"^model\.embed_(vision|audio)\.soft_embedding_norm\.weight$",  # encoder bundles' soft-token path
     r"^lm_head\.weight$",
 )
 
 
 def text_name_map(cfg: TextConfig) -> dict[str, str]:
+    """Our name -> Hugging Face name relative to the language-model prefix; hard-token
+    embedder names start with "/" because they are absolute (model.embed_vision.*)."""
     names = dict(GLOBAL_TENSORS)
+    for modality, tokens in (("vision", cfg.vision_tokens), ("audio", cfg.audio_tokens)):
+        if tokens is not None:
+            for t in HARD_TOKEN_TENSORS:
+                names[f"embedder.embed_{modality}.{t}"] = f"/model.embed_{modality}.{t}"
     for j in range(cfg.altup_num_inputs - 1):
         for template in ALTUP_PROJECTIONS:
             names[f"decoder.{template.format(j=j)}"] = template.format(j=j)
@@ -129,7 +138,9 @@ class SafetensorsCheckpoint:
                 f"{folder} has no embed_tokens.weight under any of {LM_PREFIXES}; "
                 "is this a Gemma 3n checkpoint?"
             )
-        self.name_map = {ours: self.prefix + hf for ours, hf in text_name_map(cfg).items()}
+        self.name_map = {
+            ours: hf[1:] if hf.startswith("/") else self.prefix + hf for ours, hf in text_name_map(cfg).items()
+        }
         if "lm_head.weight" in self._where:
             self.name_map["decoder.lm_head.weight"] = "lm_head.weight"
         self._validate(expected_shapes)

@@ -22,6 +22,17 @@ PAD_ID, EOS_ID, BOS_ID, END_OF_TURN_ID = 0, 1, 2, 106
 
 
 @dataclass(frozen=True)
+class HardTokens:
+    """Ids [offset, offset + size) are embedded by a modality's own table (embed_vision /
+    embed_audio), RMS-normed and projected to the text width, not by embed_tokens."""
+
+    offset: int
+    size: int
+    width: int
+    eps: float = 1e-6
+
+
+@dataclass(frozen=True)
 class TextConfig:
     vocab_size: int
     vocab_size_per_layer_input: int
@@ -46,6 +57,8 @@ class TextConfig:
     pad_token_id: int = PAD_ID
     bos_token_id: int = BOS_ID
     eos_token_ids: tuple[int, ...] = (EOS_ID, END_OF_TURN_ID)
+    vision_tokens: HardTokens | None = None  # None for text-only (Gemma3nForCausalLM) checkpoints
+    audio_tokens: HardTokens | None = None
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
@@ -110,7 +123,11 @@ class TextConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TextConfig":
         tuples = {"intermediate_sizes", "layer_types", "activation_sparsity", "eos_token_ids"}
-        return cls(**{k: tuple(v) if k in tuples else v for k, v in d.items()})
+        d = {k: tuple(v) if k in tuples else v for k, v in d.items()}
+        for key in ("vision_tokens", "audio_tokens"):
+            if d.get(key) is not None:
+                d[key] = HardTokens(**d[key])
+        return cls(**d)
 
     def replace(self, **changes) -> "TextConfig":
         return dataclasses.replace(self, **changes)
@@ -134,6 +151,8 @@ def _real_variant(name: str, num_layers: int, ffn: int, num_kv_shared: int) -> T
         num_kv_shared_layers=num_kv_shared,
         layer_types=_default_layer_types(num_layers),
         activation_sparsity=(0.95,) * 10 + (0.0,) * (num_layers - 10),
+        vision_tokens=HardTokens(offset=262_144, size=128, width=2048),
+        audio_tokens=HardTokens(offset=262_272, size=128, width=1536),
     )
 
 
@@ -157,6 +176,8 @@ def tiny_config() -> TextConfig:
         activation_sparsity=(0.95, 0.95, 0.0, 0.0, 0.0, 0.0, 0.0),
         sliding_window=8,
         laurel_rank=4,
+        vision_tokens=HardTokens(offset=512, size=8, width=2048),
+        audio_tokens=HardTokens(offset=520, size=8, width=32),
     )
 
 
@@ -184,9 +205,15 @@ def text_config_from_hf(hf: dict, name: str = "custom") -> TextConfig:
     from transformers import Gemma3nConfig, Gemma3nTextConfig
 
     model_type = hf.get("model_type")
+    vision_tokens = audio_tokens = None
     try:
         if model_type == "gemma3n":
-            text = Gemma3nConfig.from_dict(hf).get_text_config()
+            full = Gemma3nConfig.from_dict(hf)
+            text = full.get_text_config()
+            vision_tokens, audio_tokens = (
+                HardTokens(offset=c.vocab_offset, size=c.vocab_size, width=c.hidden_size, eps=c.rms_norm_eps)
+                for c in (full.vision_config, full.audio_config)
+            )
         elif model_type == "gemma3n_text":
             text = Gemma3nTextConfig.from_dict(hf)
         else:
@@ -231,6 +258,8 @@ def text_config_from_hf(hf: dict, name: str = "custom") -> TextConfig:
         pad_token_id=text.pad_token_id if text.pad_token_id is not None else PAD_ID,
         bos_token_id=text.bos_token_id if text.bos_token_id is not None else BOS_ID,
         eos_token_ids=tuple(dict.fromkeys([*eos, END_OF_TURN_ID])),
+        vision_tokens=vision_tokens,
+        audio_tokens=audio_tokens,
     )
 
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from litert_torch.generative.custom_ops.dynamic_update_slice import dynamic_update_slice
 from torch import nn
 
-from converter.config import TextConfig, gaussian_topk_multiplier
+from converter.config import HardTokens, TextConfig, gaussian_topk_multiplier
 
 MASK_VALUE = -1e9  # finite so that fp16 accelerators and softmax never see inf - inf
 
@@ -54,14 +54,48 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]
 
 
+class HardTokenEmbedder(nn.Module):
+    """The token half of transformers' Gemma3nMultimodalEmbedder (embed_vision / embed_audio):
+    ids in [offset, offset + size) -> table row, RMSNorm, projection, unscaled RMSNorm."""
+
+    def __init__(self, tokens: HardTokens, text_width: int):
+        super().__init__()
+        self.offset, self.size = tokens.offset, tokens.size
+        self.embedding = nn.Embedding(tokens.size, tokens.width)
+        self.hard_embedding_norm = RMSNorm(tokens.width, tokens.eps)
+        self.embedding_projection = nn.Linear(tokens.width, text_width, bias=False)
+        self.embedding_post_projection_norm = RMSNorm(text_width, tokens.eps, with_scale=False)
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.embedding_post_projection_norm(
+            self.embedding_projection(self.hard_embedding_norm(self.embedding(token_ids - self.offset)))
+        )
+
+
 class TokenEmbedder(nn.Module):
+    """Token ids -> the text core's input embeddings. Text ids read embed_tokens x sqrt(H);
+    image / audio special ids read their modality's hard-token embedder, as in the reference."""
+
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.scale = cfg.embed_scale
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.vision_end = cfg.audio_tokens.offset if cfg.audio_tokens else cfg.vocab_size
+        self.embed_vision = HardTokenEmbedder(cfg.vision_tokens, cfg.hidden_size) if cfg.vision_tokens else None
+        self.embed_audio = HardTokenEmbedder(cfg.audio_tokens, cfg.hidden_size) if cfg.audio_tokens else None
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:  # [B,T] -> [B,T,H]
-        return self.embed_tokens(token_ids) * self.scale
+        out = self.embed_tokens(token_ids) * self.scale
+        for table, end in ((self.embed_vision, self.vision_end), (self.embed_audio, None)):
+            if table is None:
+                continue
+            in_range = token_ids >= table.offset
+            if end is not None:
+                in_range = in_range & (token_ids < end)
+            # Out-of-range ids read the table's last row; the where() discards them.
+            ids = torch.where(in_range, token_ids, torch.full_like(token_ids, table.offset + table.size - 1))
+            out = torch.where(in_range[..., None], table(ids), out)
+        return out
 
 
 class PerLayerEmbedder(nn.Module):

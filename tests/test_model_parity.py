@@ -35,13 +35,18 @@ def test_tiny_config_exercises_every_mechanism(tiny_mm_checkpoint):
     assert len(set(cfg.intermediate_sizes)) > 1, "per-layer FFN widths (MatFormer-style)"
 
 
-def prompt(vocab: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, vocab, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(seed))
+def prompt(cfg, seed: int = 0) -> torch.Tensor:
+    """Random text ids, plus image and audio special ids when the model has those embedders."""
+    ids = torch.randint(3, cfg.vocab_size_per_layer_input, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(seed))
+    for k, tokens in enumerate(t for t in (cfg.vision_tokens, cfg.audio_tokens) if t is not None):
+        ids[0, 5 + 10 * k] = tokens.offset  # first id of the range (end-of-image / end-of-audio)
+        ids[0, 6 + 10 * k] = tokens.offset + tokens.size - 1
+    return ids
 
 
 def test_full_prompt_logits_match_transformers(case):
     ckpt, ref, ours = case
-    ids = prompt(ours.cfg.vocab_size_per_layer_input)
+    ids = prompt(ours.cfg)
     with torch.no_grad():
         expected = ref(input_ids=ids).logits
         got, _ = ours(ids, torch.arange(PROMPT_LEN), empty_kv_cache(ours.cfg, 64))
@@ -73,7 +78,7 @@ INCREMENTAL_FP32_ATOL = 1e-4
 def test_incremental_decoding_equals_full_forward_in_float64(case):
     _, _, ours = case
     ours = ours.double()
-    ids = prompt(ours.cfg.vocab_size_per_layer_input, seed=1)
+    ids = prompt(ours.cfg, seed=1)
     with torch.no_grad():
         full, _ = ours(ids, torch.arange(PROMPT_LEN), empty_kv_cache(ours.cfg, 64, dtype=torch.float64))
         incremental = incremental_logits(ours, ids, torch.float64)
@@ -82,7 +87,7 @@ def test_incremental_decoding_equals_full_forward_in_float64(case):
 
 def test_incremental_decoding_matches_transformers(case):
     _, ref, ours = case
-    ids = prompt(ours.cfg.vocab_size_per_layer_input, seed=1)
+    ids = prompt(ours.cfg, seed=1)
     with torch.no_grad():
         expected = ref(input_ids=ids).logits[:, 13:]
         got = incremental_logits(ours, ids, torch.float32)
