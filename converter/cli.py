@@ -35,6 +35,20 @@ def _parse_bundles(ctx, param, value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
+def quiet_libraries(verbose: bool) -> None:
+    """Keep the terminal for g3n's own progress unless --verbose: litert-torch's task log,
+    the converter's C++ INFO lines and torch's import-time notices."""
+    import logging
+
+    if verbose:
+        os.environ.setdefault("LITERT_TORCH_SHOW_PROGRESS", "y")
+        return
+    os.environ.setdefault("LITERT_TORCH_SHOW_PROGRESS", "n")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    for name in ("torch.utils._pytree", "root"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -107,7 +121,7 @@ def main(ctx, checkpoint, random_weights, seed, variant, quant, out, prefill_len
         return
     from converter.pipeline import ConvertOptions, convert
 
-    os.environ.setdefault("LITERT_TORCH_SHOW_PROGRESS", "y" if verbose else "n")
+    quiet_libraries(verbose)
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     name = variant or ("e2b" if checkpoint is None else Path(checkpoint).name)
     opts = ConvertOptions(

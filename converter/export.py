@@ -13,6 +13,10 @@ last prompt token and decodes the last one to get the first logits, as LiteRT-LM
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,7 +155,8 @@ def convert_to_tflite(plan: BundlePlan, module: nn.Module, out_path: Path) -> di
     for sig_name, logits, sample in plan.signatures:
         key = (plan.name, logits)
         if key not in wrappers:
-            wrappers[key] = TextCoreSignature(module, logits) if plan.name == "text_core" else TokenIdsSignature(module)
+            wrapper = TextCoreSignature(module, logits) if plan.name == "text_core" else TokenIdsSignature(module)
+            wrappers[key] = wrapper.eval()
         wrapper = wrappers[key]
         builder = (litert_torch if builder is None else builder).signature(sig_name, wrapper, sample_kwargs=sample)
     try:
@@ -168,5 +173,33 @@ def convert_to_tflite(plan: BundlePlan, module: nn.Module, out_path: Path) -> di
         for sig_name, logits, sample in plan.signatures
     }
     with atomic_path(out_path) as tmp:
-        edge_model.export(str(tmp))
+        write_flatbuffer(edge_model, tmp)
     return signatures
+
+
+def write_flatbuffer(edge_model, path: Path) -> None:
+    """Serialise a converted model to `path`.
+
+    litert's writer streams the flatbuffer to disk (no second in-memory copy of the weights),
+    but on an I/O error it ends the whole process (LLVM report_fatal_error). It runs in a forked
+    child, which shares the parent's memory copy-on-write, so a full disk becomes an OSError here.
+    """
+    pid = os.fork()
+    if pid == 0:  # child: write, then leave without running the parent's cleanup handlers
+        code = 1
+        try:
+            edge_model.export(str(path))
+            code = 0
+        finally:
+            os._exit(code)
+    try:
+        _, status = os.waitpid(pid, 0)
+    except BaseException:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise
+    if os.waitstatus_to_exitcode(status) != 0:
+        free = shutil.disk_usage(path.parent).free
+        if free < max(path.stat().st_size, 1) // 100 + (1 << 20):
+            raise OSError(errno.ENOSPC, "no space left on device", str(path))
+        raise OSError(errno.EIO, f"the LiteRT flatbuffer writer failed (exit status {status})", str(path))
