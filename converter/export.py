@@ -17,6 +17,7 @@ import errno
 import os
 import shutil
 import signal
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,7 +187,10 @@ def write_flatbuffer(edge_model, path: Path) -> None:
     but on an I/O error it ends the whole process (LLVM report_fatal_error). It runs in a forked
     child, which shares the parent's memory copy-on-write, so a full disk becomes an OSError here.
     """
-    pid = os.fork()
+    with warnings.catch_warnings():
+        # The child only runs the C++ flatbuffer writer; it never touches JAX's or torch's threads.
+        warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
+        pid = os.fork()
     if pid == 0:  # child: write, then leave without running the parent's cleanup handlers
         code = 1
         try:

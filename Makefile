@@ -1,0 +1,39 @@
+# g3n: Gemma 3n -> LiteRT bundles.  `make demo` to see it work, `make test` to check it.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DEMO   := out/demo
+
+.PHONY: setup test demo artifacts bench clean
+
+setup: $(STAMP)
+
+# torch and torchvision are pinned in pyproject.toml (2.14.1 / 0.29.1); everything comes from the package registries.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+# The tiny bundle folder the tests convert is kept under artifacts/ (CI publishes it).
+test: setup
+	G3N_ARTIFACTS=artifacts $(BIN)/python -m pytest -q
+
+demo: setup
+	$(BIN)/python -m converter.tiny_checkpoint $(DEMO)/checkpoint
+	$(BIN)/g3n-convert --checkpoint $(DEMO)/checkpoint --out $(DEMO)/bundle --prefill-lengths 8,32 --cache-length 256
+	$(BIN)/g3n-convert verify $(DEMO)/bundle
+	@echo; echo "manifest.json (bundles):"
+	@$(BIN)/python -c "import json; m = json.load(open('$(DEMO)/bundle/manifest.json')); \
+	[print(f\"  {k:<10} {v['file']:<18} {v['bytes']:>10,d} bytes  {v['parameters']:>10,d} params  signatures: {', '.join(v['signatures'])}\") for k, v in m['bundles'].items()]"
+
+artifacts: setup
+	$(BIN)/python -m converter.tiny_checkpoint artifacts/tiny-checkpoint
+	$(BIN)/g3n-convert --checkpoint artifacts/tiny-checkpoint --out artifacts/tiny --prefill-lengths 8,32 --cache-length 256
+
+bench: setup
+	$(BIN)/python bench/run.py --out docs/BENCHMARKS.md
+
+clean:
+	rm -rf out artifacts .pytest_cache

@@ -1,0 +1,107 @@
+"""make bench: conversion wall time, peak RSS and size per bundle -> docs/BENCHMARKS.md.
+
+Each bundle is converted in its own `g3n-convert --bundles NAME` process, so the peak RSS
+(from wait4's rusage) belongs to that bundle alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CONVERT = [sys.executable, "-m", "converter.cli"]
+
+# (label, g3n-convert arguments, bundles). Real-size text_core and ple do not fit this
+# machine's memory in float32 yet (the real-size memory issue); the e2b embedder does.
+CASES = [
+    ("tiny (checkpoint)", ["--prefill-lengths", "8,32", "--cache-length", "256"], ["embedder", "ple", "text_core"]),
+    ("e2b (random weights)", ["--variant", "e2b", "--random-weights", "--prefill-lengths", "128", "--cache-length", "1024"], ["embedder"]),
+]
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    mem_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal"))
+    return f"{os.cpu_count()} cores ({cpu}), {mem_kb / 2**20:.0f} GiB RAM, Python {platform.python_version()}"
+
+
+def run_case(args: list[str], bundle: str, out: Path) -> dict:
+    cmd = [*CONVERT, *args, "--bundles", bundle, "--out", str(out), "-q"]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    stderr = proc.stderr.read()
+    if os.waitstatus_to_exitcode(status) != 0:
+        return {"error": stderr.strip().splitlines()[-1] if stderr.strip() else f"exit status {status}",
+                "seconds": wall, "peak_rss": usage.ru_maxrss * 1024}
+    entry = json.loads((out / "manifest.json").read_text())["bundles"][bundle]
+    return {"seconds": wall, "peak_rss": usage.ru_maxrss * 1024, "bytes": entry["bytes"], "parameters": entry["parameters"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
+    parser.add_argument("--tiny-only", action="store_true", help="skip the real-size cases")
+    args = parser.parse_args()
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="g3n-bench-") as tmp:
+        tmp = Path(tmp)
+        subprocess.run([sys.executable, "-m", "converter.tiny_checkpoint", str(tmp / "tiny")], cwd=ROOT, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for label, case_args, bundles in CASES:
+            if args.tiny_only and not label.startswith("tiny"):
+                continue
+            if label.startswith("tiny"):
+                case_args = ["--checkpoint", str(tmp / "tiny"), *case_args]
+            for bundle in bundles:
+                print(f"converting {label} {bundle} ...", flush=True)
+                result = run_case(case_args, bundle, tmp / f"{label.split()[0]}-{bundle}")
+                rows.append((label, bundle, " ".join(case_args).replace(str(tmp), "<tmp>"), result))
+                print(f"  {result}", flush=True)
+
+    lines = [
+        "# Benchmarks",
+        "",
+        "Produced by `make bench` (bench/run.py). Numbers are from the machine and date below; re-run to refresh.",
+        "",
+        "## Conversion: wall time, peak RSS and size per bundle (float32)",
+        "",
+        f"Machine: {machine()}. Date: {datetime.now(timezone.utc).strftime('%Y-%m-%d')}.",
+        "Each row is one `g3n-convert ... --bundles NAME` process; peak RSS is that process's maximum resident set.",
+        "",
+        "| variant | bundle | parameters | .tflite size | wall time | peak RSS | bytes of RSS per parameter |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for label, bundle, _, r in rows:
+        if "error" in r:
+            lines.append(f"| {label} | {bundle} | | failed: {r['error']} | {r['seconds']:.1f} s | {r['peak_rss'] / 2**30:.2f} GiB | |")
+            continue
+        lines.append(
+            f"| {label} | {bundle} | {r['parameters']:,} | {r['bytes'] / 1e6:,.1f} MB | {r['seconds']:.1f} s | "
+            f"{r['peak_rss'] / 2**30:.2f} GiB | {r['peak_rss'] / r['parameters']:.1f} |"
+        )
+    lines += ["", "Commands (plus `--bundles NAME --out DIR -q`):", ""]
+    for label, case_args, _ in CASES:
+        lines.append(f"- {label}: `g3n-convert {' '.join(case_args)}`" + (" --checkpoint <tiny checkpoint>" if label.startswith("tiny") else ""))
+    notes = ROOT / "bench" / "NOTES.md"
+    if notes.exists():
+        lines += ["", notes.read_text().strip()]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
