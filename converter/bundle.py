@@ -31,6 +31,12 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _explain_os_error(exc: OSError, path: Path) -> G3nError:
     if exc.errno == errno.ENOSPC:
         return G3nError(f"disk full while writing {path}; free space on {path.parent} and run again")
@@ -54,6 +60,7 @@ def atomic_path(final: Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; bundles are meant to be shared
         os.replace(tmp, final)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
