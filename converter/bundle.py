@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from converter.errors import BundleError, G3nError
+from converter.errors import BundleError, G3nError, read_json_object
 
 MANIFEST = "manifest.json"
 FORMAT = "g3n-bundle"
@@ -98,13 +98,8 @@ def write_manifest(out: Path, manifest: dict) -> None:
 
 def read_manifest(folder: Path) -> dict:
     path = Path(folder) / MANIFEST
-    if not path.is_file():
-        raise BundleError(f"{folder} has no {MANIFEST}; it is not a finished g3n bundle folder")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    manifest = read_json_object(path, BundleError, "it is not a finished g3n bundle folder")
+    if manifest.get("format") != FORMAT:
         raise BundleError(f"{path} is not a g3n bundle manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise BundleError(

@@ -8,11 +8,10 @@ in manifest.json and rebuilt by the runtime without transformers.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from converter.errors import CheckpointError
+from converter.errors import CheckpointError, read_json_object
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
@@ -159,7 +158,6 @@ def _real_variant(name: str, num_layers: int, ffn: int, num_kv_shared: int) -> T
 def tiny_config() -> TextConfig:
     """A few-layer model that still exercises every mechanism: both attention types in the
     KV-shared region, a sliding window shorter than test prompts, activation sparsity."""
-    num_layers = 7
     return TextConfig(
         name="tiny",
         vocab_size=528,  # 512 text + 8 vision + 8 audio ids, as in the real layout
@@ -264,15 +262,9 @@ def text_config_from_hf(hf: dict, name: str = "custom") -> TextConfig:
 
 
 def load_hf_config(checkpoint_dir: Path) -> tuple[dict, TextConfig]:
-    path = Path(checkpoint_dir) / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{checkpoint_dir} has no config.json; is it a Hugging Face checkpoint folder?")
-    try:
-        hf = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"cannot read {path}: {exc}") from exc
-    if not isinstance(hf, dict):
-        raise CheckpointError(f"{path} does not hold a JSON object")
+    hf = read_json_object(
+        Path(checkpoint_dir) / "config.json", CheckpointError, "is it a Hugging Face checkpoint folder?"
+    )
     return hf, text_config_from_hf(hf, name=Path(checkpoint_dir).name)
 
 

@@ -150,27 +150,24 @@ def test_quantization_not_available_yet_fails_clearly(tiny_mm_checkpoint, tmp_pa
     assert not (tmp_path / "out" / "embedder.tflite").exists()
 
 
-def _mount_tmpfs(path: Path, options: str) -> bool:
+def _tmpfs(path: Path, options: str, purpose: str):
+    """A real tmpfs mount (root only) standing in for a full or read-only disk."""
     path.mkdir(parents=True, exist_ok=True)
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True).returncode == 0
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
+    if mount.returncode != 0:
+        pytest.skip(f"needs permission to mount a tmpfs (root) {purpose}")
+    yield path
+    subprocess.run(["umount", str(path)], check=False)
 
 
 @pytest.fixture
 def small_disk(tmp_path):
-    mount = tmp_path / "small_disk"
-    if not _mount_tmpfs(mount, "size=64k"):
-        pytest.skip("needs permission to mount a tmpfs (root) to simulate a full disk")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=False)
+    yield from _tmpfs(tmp_path / "small_disk", "size=64k", "to simulate a full disk")
 
 
 @pytest.fixture
 def read_only_dir(tmp_path):
-    mount = tmp_path / "read_only"
-    if not _mount_tmpfs(mount, "ro,size=64k"):
-        pytest.skip("needs permission to mount a tmpfs (root) to get a read-only folder")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=False)
+    yield from _tmpfs(tmp_path / "read_only", "ro,size=64k", "to get a read-only folder")
 
 
 def test_disk_full(tiny_mm_checkpoint, small_disk):
