@@ -94,7 +94,8 @@ def main() -> None:
         )
     lines += ["", "Commands (plus `--bundles NAME --out DIR -q`):", ""]
     for label, case_args, _ in CASES:
-        lines.append(f"- {label}: `g3n-convert {' '.join(case_args)}`" + (" --checkpoint <tiny checkpoint>" if label.startswith("tiny") else ""))
+        source = "--checkpoint <tiny checkpoint> " if label.startswith("tiny") else ""
+        lines.append(f"- {label}: `g3n-convert {source}{' '.join(case_args)}`")
     notes = ROOT / "bench" / "NOTES.md"
     if notes.exists():
         lines += ["", notes.read_text().strip()]
