@@ -18,7 +18,7 @@ from pathlib import Path
 from converter import __version__
 from converter.bundle import FORMAT, FORMAT_VERSION, atomic_path, file_entry, prepare_output_dir, write_manifest
 from converter.checkpoint import RandomWeights, SafetensorsCheckpoint, expected_shapes, materialize
-from converter.config import TextConfig, load_hf_config, variant_config
+from converter.config import VARIANTS, TextConfig, load_hf_config, variant_config
 from converter.errors import CheckpointError, G3nError
 from converter.export import build_module, convert_to_tflite, text_bundle_plans
 from converter.model import MASK_VALUE
@@ -74,9 +74,11 @@ def resolve_config(opts: ConvertOptions) -> tuple[TextConfig, Path | None]:
         if not folder.is_dir():
             raise CheckpointError(f"checkpoint folder {folder} does not exist")
         _, cfg = load_hf_config(folder)
-        if opts.variant is not None:
-            expected = variant_config(opts.variant)
-            if expected.replace(name=cfg.name) != cfg:
+        if opts.variant is None:  # name it after the built-in variant it matches, if any
+            # (TextConfig equality ignores the name)
+            cfg = cfg.replace(name=next((n for n in VARIANTS if variant_config(n) == cfg), cfg.name))
+        else:
+            if variant_config(opts.variant) != cfg:
                 raise CheckpointError(
                     f"{folder} is not a Gemma 3n {opts.variant} checkpoint (its config.json has "
                     f"{cfg.num_layers} layers, hidden {cfg.hidden_size}); drop --variant or pick the right one"

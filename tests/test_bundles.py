@@ -36,6 +36,7 @@ def test_manifest_lists_every_file_with_sha256(tiny_bundle):
         assert sha256_file(path) == entry["sha256"]
     assert manifest["files"]["tokenizer"]["file"] == "tokenizer.model"
     assert manifest["source"]["kind"] == "checkpoint" and len(manifest["source"]["sha256"]) == 64
+    assert manifest["variant"] == "tiny", "a checkpoint is named after the built-in variant it matches"
     assert verify_bundle(tiny_bundle) == []
     assert not list(tiny_bundle.glob("*.partial")), "no temporary files left behind"
 
