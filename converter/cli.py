@@ -139,7 +139,7 @@ def main(ctx, checkpoint, random_weights, seed, variant, quant, out, prefill_len
     display = _StageDisplay(quiet=quiet or as_json)
     ok = False
     try:
-        result = convert(opts, on_stage=display)
+        manifest = convert(opts, on_stage=display)
         ok = True
     except G3nError as exc:
         _fail(str(exc))
@@ -150,7 +150,6 @@ def main(ctx, checkpoint, random_weights, seed, variant, quant, out, prefill_len
     finally:
         display.close(ok)
 
-    manifest = result.manifest
     if as_json:
         click.echo(json.dumps(manifest, indent=2))
         return

@@ -30,12 +30,6 @@ from converter.errors import ExportError
 from converter.model import PerLayerEmbedder, TextDecoder, TokenEmbedder, empty_kv_cache
 
 
-@dataclass(frozen=True)
-class SignatureSpec:
-    name: str
-    inputs: dict[str, torch.Tensor]  # sample tensors: shapes and dtypes define the signature
-
-
 def _tensor_spec(t: torch.Tensor) -> dict:
     return {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
 

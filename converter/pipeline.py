@@ -11,7 +11,7 @@ import platform
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -39,25 +39,6 @@ class ConvertOptions:
     cache_length: int = 1024
     tokenizer: Path | None = None
     bundles: tuple[str, ...] = TEXT_BUNDLES
-
-
-@dataclass
-class StageReport:
-    name: str
-    seconds: float
-    peak_rss_bytes: int
-
-
-@dataclass
-class ConvertResult:
-    manifest: dict
-    stages: list[StageReport] = field(default_factory=list)
-
-
-def peak_rss_bytes() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def resolve_config(opts: ConvertOptions) -> tuple[TextConfig, Path | None]:
@@ -115,7 +96,8 @@ def check_tokenizer(path: Path, cfg: TextConfig) -> None:
         )
 
 
-def convert(opts: ConvertOptions, on_stage: Callable[[str], None] = lambda s: None) -> ConvertResult:
+def convert(opts: ConvertOptions, on_stage: Callable[[str], None] = lambda s: None) -> dict:
+    """Convert and write the bundle folder; returns the manifest."""
     if opts.quant not in QUANT_SCHEMES:
         raise G3nError(f"--quant must be one of {', '.join(QUANT_SCHEMES)}")
     if opts.quant != "none":
@@ -127,7 +109,6 @@ def convert(opts: ConvertOptions, on_stage: Callable[[str], None] = lambda s: No
     if unknown:
         raise G3nError(f"unknown bundle(s) {', '.join(sorted(unknown))}; choose from {', '.join(TEXT_BUNDLES)}")
 
-    result = ConvertResult(manifest={})
     started = time.perf_counter()
     on_stage("reading config and weights")
     cfg, checkpoint_dir = resolve_config(opts)
@@ -145,7 +126,6 @@ def convert(opts: ConvertOptions, on_stage: Callable[[str], None] = lambda s: No
     prepare_output_dir(out)
     bundles = {}
     for plan in plans:
-        stage_start = time.perf_counter()
         on_stage(f"{plan.name}: loading weights")
         module = materialize(build_module(plan, cfg), plan.weights_prefix, source)
         params = sum(p.numel() for p in module.parameters())
@@ -159,7 +139,6 @@ def convert(opts: ConvertOptions, on_stage: Callable[[str], None] = lambda s: No
             "quantization": {"scheme": "float32"},
             "signatures": signatures,
         }
-        result.stages.append(StageReport(plan.name, time.perf_counter() - stage_start, peak_rss_bytes()))
 
     files = {}
     if tokenizer is not None:
@@ -169,7 +148,7 @@ def convert(opts: ConvertOptions, on_stage: Callable[[str], None] = lambda s: No
         files["tokenizer"] = file_entry(out / "tokenizer.model")
 
     on_stage("writing manifest.json")
-    result.manifest = {
+    manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "variant": cfg.name,
@@ -190,8 +169,8 @@ def convert(opts: ConvertOptions, on_stage: Callable[[str], None] = lambda s: No
         "files": files,
         "conversion_seconds": round(time.perf_counter() - started, 1),
     }
-    write_manifest(out, result.manifest)
-    return result
+    write_manifest(out, manifest)
+    return manifest
 
 
 def library_versions() -> dict:

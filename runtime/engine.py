@@ -15,8 +15,6 @@ import numpy as np
 from converter.bundle import read_manifest
 from converter.errors import BundleError
 
-MASK_BLOCKED = np.float32(-1e9)
-
 
 class TextEngine:
     def __init__(self, folder: Path, num_threads: int | None = None):

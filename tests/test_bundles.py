@@ -51,7 +51,7 @@ def test_signatures_follow_litert_lm_names(tiny_bundle):
         "ple": {*(f"prefill_per_layer_embedder_{n}" for n in TINY_PREFILL), "decode_per_layer_embedder"},
     }
     cfg = manifest["config"]
-    slots = cfg["intermediate_sizes"].__len__() - cfg["num_kv_shared_layers"]
+    slots = len(cfg["intermediate_sizes"]) - cfg["num_kv_shared_layers"]
     for bundle, names in expected.items():
         interpreter = Interpreter(model_path=str(tiny_bundle / f"{bundle}.tflite"))
         signatures = interpreter.get_signature_list()
