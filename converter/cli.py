@@ -154,7 +154,7 @@ def main(ctx, checkpoint, random_weights, seed, variant, quant, out, prefill_len
         click.echo(json.dumps(manifest, indent=2))
         return
     click.echo(f"\nWrote {opts.out}/ ({manifest['variant']}, {manifest['conversion_seconds']}s)")
-    for name, entry in {**manifest["bundles"], **manifest["files"]}.items():
+    for entry in [*manifest["bundles"].values(), *manifest["files"].values()]:
         click.echo(f"  {entry['file']:<20} {entry['bytes'] / 1e6:>10.2f} MB  sha256 {entry['sha256'][:16]}...")
     click.echo(f"Check it any time with: g3n-convert verify {opts.out}")
 

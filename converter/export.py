@@ -152,8 +152,7 @@ def convert_to_tflite(plan: BundlePlan, module: nn.Module, out_path: Path) -> di
         if key not in wrappers:
             wrapper = TextCoreSignature(module, logits) if plan.name == "text_core" else TokenIdsSignature(module)
             wrappers[key] = wrapper.eval()
-        wrapper = wrappers[key]
-        builder = (litert_torch if builder is None else builder).signature(sig_name, wrapper, sample_kwargs=sample)
+        builder = (litert_torch if builder is None else builder).signature(sig_name, wrappers[key], sample_kwargs=sample)
     try:
         with torch.no_grad():
             # lightweight_conversion keeps large weights as references instead of copies while
