@@ -12,10 +12,12 @@ from pathlib import Path
 import click
 
 from converter.errors import G3nError
+from quant.recipes import BLOCK_SIZES, SCHEMES
 
 EPILOG = """\b
 Examples:
   g3n-convert --checkpoint ./gemma-3n-E2B-it --out ./e2b-bundle
+  g3n-convert --checkpoint ./gemma-3n-E2B-it --quant int4 --out ./e2b-int4
   g3n-convert --variant e2b --random-weights --out ./e2b-random
   g3n-convert verify ./e2b-bundle
 """
@@ -45,6 +47,7 @@ def quiet_libraries(verbose: bool) -> None:
         return
     os.environ.setdefault("LITERT_TORCH_SHOW_PROGRESS", "n")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # ai-edge-quantizer's own progress bars
     for name in ("torch.utils._pytree", "root"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
@@ -100,7 +103,15 @@ class _StageDisplay:
 @click.option("--random-weights", is_flag=True, help="Use seeded random weights at the variant's real shapes (for size, memory and speed work).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --random-weights.")
 @click.option("--variant", type=click.Choice(["tiny", "e2b", "e4b"]), default=None, help="Model size. With --checkpoint it is checked against config.json; with --random-weights it defaults to e2b.")
-@click.option("--quant", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True, help="Weight quantization of the bundles.")
+@click.option("--quant", type=click.Choice(SCHEMES), default="none", show_default=True, help="Weight quantization: int8 per-channel, or int4 blockwise for the text core and embedding tables (encoders get int8).")
+@click.option("--block-size", type=click.Choice([str(b) for b in BLOCK_SIZES]), default="32", show_default=True, help="int4 block size along each weight's input dimension.")
+@click.option("--quant-text", type=click.Choice(SCHEMES), default=None, help="Override --quant for text_core.")
+@click.option("--quant-embed", type=click.Choice(SCHEMES), default=None, help="Override --quant for the token embedder.")
+@click.option("--quant-ple", type=click.Choice(SCHEMES), default=None, help="Override --quant for the per-layer-embedding table.")
+@click.option("--quant-vision", type=click.Choice(SCHEMES), default=None, help="Override --quant for the vision encoder (once built; default int8 when --quant int4).")
+@click.option("--quant-audio", type=click.Choice(SCHEMES), default=None, help="Override --quant for the audio encoder (once built; default int8 when --quant int4).")
+@click.option("--strict", is_flag=True, help="Fail (no manifest) when quantized quality falls below its threshold, instead of warning.")
+@click.option("--no-quality-report", "skip_quality", is_flag=True, help="Skip scoring quantized bundles against the float ones (saves time at real size).")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Output folder for the bundles  [default: ./g3n-<variant>]")
 @click.option("--prefill-lengths", default="32,128", show_default=True, callback=_parse_lengths, help="Comma-separated prefill signature lengths (prefill_<N>).")
 @click.option("--cache-length", type=click.IntRange(min=2), default=1024, show_default=True, help="KV cache length: the longest context the bundle can hold.")
@@ -110,7 +121,8 @@ class _StageDisplay:
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 @click.option("-v", "--verbose", is_flag=True, help="Also show litert-torch's own conversion log.")
 @click.pass_context
-def main(ctx, checkpoint, random_weights, seed, variant, quant, out, prefill_lengths, cache_length, tokenizer, bundles, as_json, quiet, verbose):
+def main(ctx, checkpoint, random_weights, seed, variant, quant, block_size, quant_text, quant_embed, quant_ple,
+         quant_vision, quant_audio, strict, skip_quality, out, prefill_lengths, cache_length, tokenizer, bundles, as_json, quiet, verbose):
     """Compile a Gemma 3n checkpoint into LiteRT bundles for phones.
 
     Writes text_core.tflite (prefill_<N> / decode signatures with an explicit KV cache),
@@ -131,6 +143,15 @@ def main(ctx, checkpoint, random_weights, seed, variant, quant, out, prefill_len
         random_weights=random_weights,
         seed=seed,
         quant=quant,
+        quant_overrides={
+            bundle: scheme
+            for bundle, scheme in (("text_core", quant_text), ("embedder", quant_embed), ("ple", quant_ple),
+                                   ("vision", quant_vision), ("audio", quant_audio))
+            if scheme is not None
+        },
+        block_size=int(block_size),
+        quality_report=not skip_quality,
+        strict=strict,
         prefill_lengths=prefill_lengths,
         cache_length=cache_length,
         tokenizer=tokenizer,
@@ -153,10 +174,36 @@ def main(ctx, checkpoint, random_weights, seed, variant, quant, out, prefill_len
     if as_json:
         click.echo(json.dumps(manifest, indent=2))
         return
-    click.echo(f"\nWrote {opts.out}/ ({manifest['variant']}, {manifest['conversion_seconds']}s)")
-    for entry in [*manifest["bundles"].values(), *manifest["files"].values()]:
-        click.echo(f"  {entry['file']:<20} {entry['bytes'] / 1e6:>10.2f} MB  sha256 {entry['sha256'][:16]}...")
-    click.echo(f"Check it any time with: g3n-convert verify {opts.out}")
+    print_summary(opts.out, manifest)
+
+
+def print_summary(out: Path, manifest: dict) -> None:
+    """The bundle table (size, scheme, bits per weight, quality), then any quality warnings."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False)
+    table = Table(title=f"{out}/ ({manifest['variant']}, {manifest['conversion_seconds']}s)", title_justify="left")
+    table.add_column("file")
+    for column in ("MB", "scheme", "bits/weight", "cosine vs float"):
+        table.add_column(column, justify="right")
+    for entry in manifest["bundles"].values():
+        quality = entry.get("quality", {})
+        table.add_row(entry["file"], f"{entry['bytes'] / 1e6:.2f}", entry["quantization"]["scheme"],
+                      f"{entry['bits_per_weight']:.2f}", f"{quality['cosine']:.5f}" if "cosine" in quality else "-")
+    for entry in manifest["files"].values():
+        table.add_row(entry["file"], f"{entry['bytes'] / 1e6:.2f}", "", "", "")
+    console.print(table)
+    report = manifest.get("quality")
+    if report and report.get("text_path"):
+        path = report["text_path"]
+        console.print(
+            f"Text path vs float over {report['prompts']}: top-1 agreement {path['top1_agreement']:.1%}, "
+            f"mean KL {path['mean_kl']:.4f} nats, logits cosine {path['logits_cosine']:.5f}"
+        )
+    for warning in (report or {}).get("warnings", []):
+        Console(stderr=True, highlight=False).print(f"[bold red]WARNING: quantized quality below threshold:[/] {warning}")
+    console.print(f"Check it any time with: g3n-convert verify {out}")
 
 
 @main.command()

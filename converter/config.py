@@ -163,7 +163,7 @@ def tiny_config() -> TextConfig:
         vocab_size=528,  # 512 text + 8 vision + 8 audio ids, as in the real layout
         vocab_size_per_layer_input=512,
         hidden_size=64,
-        hidden_size_per_layer_input=8,
+        hidden_size_per_layer_input=32,  # PLE rows 7 x 32: divisible by int4's 32-wide blocks
         intermediate_sizes=(128, 128, 96, 128, 128, 128, 96),
         num_heads=4,
         num_kv_heads=2,

@@ -17,6 +17,10 @@ class ExportError(G3nError):
     """Conversion to LiteRT failed or produced a model that does not match PyTorch."""
 
 
+class QualityError(G3nError):
+    """Quantized bundles scored below their quality thresholds and --strict was given."""
+
+
 def read_json_object(path, error: type[G3nError], missing_hint: str) -> dict:
     """Parse a JSON object file, turning every way it can be absent or malformed into `error`."""
     import json

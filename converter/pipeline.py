@@ -11,7 +11,7 @@ import platform
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -19,12 +19,13 @@ from converter import __version__
 from converter.bundle import FORMAT, FORMAT_VERSION, atomic_path, file_entry, prepare_output_dir, write_manifest
 from converter.checkpoint import RandomWeights, SafetensorsCheckpoint, expected_shapes, materialize
 from converter.config import VARIANTS, TextConfig, load_hf_config, variant_config
-from converter.errors import CheckpointError, G3nError
+from converter.errors import CheckpointError, G3nError, QualityError
 from converter.export import build_module, convert_to_tflite, text_bundle_plans
 from converter.model import MASK_VALUE
+from quant.recipes import BLOCK_SIZES, SCHEMES, bundle_scheme, plan_quantization, quantize_file
 
 TEXT_BUNDLES = ("embedder", "ple", "text_core")
-QUANT_SCHEMES = ("none", "int8", "int4")
+FLOAT_WORK_DIR = ".g3n-float"  # float originals of quantized bundles, kept for the quality report
 
 
 @dataclass
@@ -35,6 +36,10 @@ class ConvertOptions:
     random_weights: bool = False
     seed: int = 0
     quant: str = "none"
+    quant_overrides: dict[str, str] = field(default_factory=dict)  # bundle -> scheme
+    block_size: int = 32
+    quality_report: bool = True
+    strict: bool = False
     prefill_lengths: tuple[int, ...] = (32, 128)
     cache_length: int = 1024
     tokenizer: Path | None = None
@@ -96,18 +101,22 @@ def check_tokenizer(path: Path, cfg: TextConfig) -> None:
         )
 
 
+def check_quant_options(opts: ConvertOptions) -> dict[str, str]:
+    """Validate the quantization options; returns each requested bundle's scheme."""
+    for scheme in [opts.quant, *opts.quant_overrides.values()]:
+        if scheme not in SCHEMES:
+            raise G3nError(f"unknown quantization scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
+    if opts.block_size not in BLOCK_SIZES:
+        raise G3nError(f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))}")
+    return {b: bundle_scheme(b, opts.quant, opts.quant_overrides) for b in opts.bundles}
+
+
 def convert(opts: ConvertOptions, on_stage: Callable[[str], None] = lambda s: None) -> dict:
     """Convert and write the bundle folder; returns the manifest."""
-    if opts.quant not in QUANT_SCHEMES:
-        raise G3nError(f"--quant must be one of {', '.join(QUANT_SCHEMES)}")
-    if opts.quant != "none":
-        raise G3nError(
-            f"--quant {opts.quant} is not available in this version of g3n: the quantization pass has not "
-            "landed yet. Use --quant none for float32 bundles"
-        )
     unknown = set(opts.bundles) - set(TEXT_BUNDLES)
     if unknown:
         raise G3nError(f"unknown bundle(s) {', '.join(sorted(unknown))}; choose from {', '.join(TEXT_BUNDLES)}")
+    schemes = check_quant_options(opts)
 
     started = time.perf_counter()
     on_stage("reading config and weights")
@@ -124,51 +133,80 @@ def convert(opts: ConvertOptions, on_stage: Callable[[str], None] = lambda s: No
 
     out = Path(opts.out)
     prepare_output_dir(out)
+    work = out / FLOAT_WORK_DIR
+    float_files: dict[str, Path] = {}
     bundles = {}
-    for plan in plans:
-        on_stage(f"{plan.name}: loading weights")
-        module = materialize(build_module(plan, cfg), plan.weights_prefix, source)
-        params = sum(p.numel() for p in module.parameters())
-        on_stage(f"{plan.name}: converting with litert-torch ({len(plan.signatures)} signatures)")
-        signatures = convert_to_tflite(plan, module, out / plan.file)
-        del module
-        gc.collect()
-        bundles[plan.name] = {
-            **file_entry(out / plan.file),
-            "parameters": params,
-            "quantization": {"scheme": "float32"},
-            "signatures": signatures,
+    try:
+        for plan in plans:
+            on_stage(f"{plan.name}: loading weights")
+            module = materialize(build_module(plan, cfg), plan.weights_prefix, source)
+            params = sum(p.numel() for p in module.parameters())
+            quant = plan_quantization(plan.name, schemes[plan.name], opts.block_size, module)
+            on_stage(f"{plan.name}: converting with litert-torch ({len(plan.signatures)} signatures)")
+            target = out / plan.file
+            if quant.scheme != "none":
+                work.mkdir(exist_ok=True)
+                target = float_files[plan.name] = work / plan.file
+            signatures = convert_to_tflite(plan, module, target)
+            del module
+            gc.collect()
+            if quant.scheme != "none":
+                on_stage(f"{plan.name}: quantizing to {quant.scheme} with ai-edge-quantizer")
+                with atomic_path(out / plan.file) as tmp:
+                    quantize_file(target, tmp, quant)
+            entry = file_entry(out / plan.file)
+            bundles[plan.name] = {
+                **entry,
+                "parameters": params,
+                "bits_per_weight": round(8 * entry["bytes"] / params, 3),
+                "quantization": quant.to_manifest(),
+                "signatures": signatures,
+            }
+
+        files = {}
+        if tokenizer is not None:
+            on_stage("copying tokenizer.model")
+            with atomic_path(out / "tokenizer.model") as tmp:
+                shutil.copyfile(tokenizer, tmp)
+            files["tokenizer"] = file_entry(out / "tokenizer.model")
+
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "variant": cfg.name,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "tool": {"name": "g3n-convert", "version": __version__, **library_versions()},
+            "source": {
+                "kind": "checkpoint" if checkpoint_dir is not None else "random-weights",
+                "path": str(checkpoint_dir) if checkpoint_dir is not None else None,
+                "seed": opts.seed if checkpoint_dir is None else None,
+                "sha256": source.fingerprint(),
+            },
+            "config": cfg.to_dict(),
+            "cache_length": opts.cache_length,
+            "prefill_lengths": sorted(set(opts.prefill_lengths)),
+            "kv_cache_layout": {"k": "[1, kv_heads, cache_length, head_dim]", "v": "[1, kv_heads, head_dim, cache_length]"},
+            "mask": {"attend": 0.0, "blocked": MASK_VALUE, "note": "full-attention mask; sliding layers narrow it in-graph"},
+            "bundles": bundles,
+            "files": files,
         }
+        if float_files and opts.quality_report:
+            from quant.quality import quality_report
 
-    files = {}
-    if tokenizer is not None:
-        on_stage("copying tokenizer.model")
-        with atomic_path(out / "tokenizer.model") as tmp:
-            shutil.copyfile(tokenizer, tmp)
-        files["tokenizer"] = file_entry(out / "tokenizer.model")
+            on_stage("measuring quantization quality against the float bundles")
+            manifest["quality"] = quality_report(out, manifest, float_files, schemes, out / "tokenizer.model" if files else None)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
+    failures = manifest.get("quality", {}).get("warnings", [])
+    if failures and opts.strict:
+        raise QualityError(
+            "quantized quality is below the threshold (--strict), so no manifest.json was written:\n  "
+            + "\n  ".join(failures)
+            + "\nTry --quant int8, or a per-bundle override such as --quant-text int8"
+        )
+    manifest["conversion_seconds"] = round(time.perf_counter() - started, 1)
     on_stage("writing manifest.json")
-    manifest = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "variant": cfg.name,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "tool": {"name": "g3n-convert", "version": __version__, **library_versions()},
-        "source": {
-            "kind": "checkpoint" if checkpoint_dir is not None else "random-weights",
-            "path": str(checkpoint_dir) if checkpoint_dir is not None else None,
-            "seed": opts.seed if checkpoint_dir is None else None,
-            "sha256": source.fingerprint(),
-        },
-        "config": cfg.to_dict(),
-        "cache_length": opts.cache_length,
-        "prefill_lengths": sorted(set(opts.prefill_lengths)),
-        "kv_cache_layout": {"k": "[1, kv_heads, cache_length, head_dim]", "v": "[1, kv_heads, head_dim, cache_length]"},
-        "mask": {"attend": 0.0, "blocked": MASK_VALUE, "note": "full-attention mask; sliding layers narrow it in-graph"},
-        "bundles": bundles,
-        "files": files,
-        "conversion_seconds": round(time.perf_counter() - started, 1),
-    }
     write_manifest(out, manifest)
     return manifest
 

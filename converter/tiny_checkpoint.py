@@ -103,6 +103,13 @@ def train_tokenizer(path: Path, seed: int = 0) -> None:
     prefix.with_suffix(".vocab").unlink(missing_ok=True)
 
 
+# The norms that close each residual branch. Trained transformers add small updates to the
+# residual stream; a random network whose every branch is as loud as the stream is chaotic, and any
+# rounding (int8 included) flips its argmax, too unlike a real checkpoint to judge quantization by.
+RESIDUAL_BRANCH_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm", "post_per_layer_input_norm", "post_laurel_norm")
+RESIDUAL_BRANCH_GAIN = 0.2
+
+
 def randomize_(model: torch.nn.Module, seed: int) -> None:
     """Replace the default init (which zeroes the AltUp output scale and gives near-flat logits)
     with weights that exercise every path and give clearly peaked next-token distributions."""
@@ -114,6 +121,8 @@ def randomize_(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(noise * 0.5)
             elif p.dim() >= 2:
                 p.copy_(noise / math.sqrt(p.shape[-1]))
+            elif any(norm in name for norm in RESIDUAL_BRANCH_NORMS):
+                p.copy_(RESIDUAL_BRANCH_GAIN * (1.0 + 0.5 * noise))
             else:
                 p.copy_(1.0 + 0.5 * noise)
 

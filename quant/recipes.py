@@ -5,12 +5,27 @@ linear layers (FULLY_CONNECTED) get different schemes; litert-torch's convert-ti
 cannot tell them apart on our modules. Only *dynamic-range* recipes are used: the kernels then
 read int8 / int4 weights directly, whereas weight-only recipes insert a DEQUANTIZE of the whole
 table (fatal for the 2 GB PLE table).
+
+Blockwise int4 needs the block to divide each weight's quantized (input / row) dimension. Where
+it does not (AltUp's 4-wide coefficient layers in every variant; LAuReL's 64-wide layer at block
+128/256), that layer falls back to per-channel int8; an embedding table falls back to the largest
+block that divides its rows. The bundle's manifest entry records every such fallback.
 """
 
 from __future__ import annotations
 
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+
+from pathlib import Path
+
+from converter.errors import ExportError
+
 SCHEMES = ("none", "int8", "int4")
 BLOCK_SIZES = (32, 64, 128, 256)  # what ai-edge-quantizer's blockwise granularity offers
+ENCODER_BUNDLES = ("vision", "audio")  # conv / conformer encoders: int4 costs them too much, default int8
 
 # Which ops carry a bundle's weights (everything else in the graph stays float).
 BUNDLE_OPS = {
@@ -20,9 +35,18 @@ BUNDLE_OPS = {
 }
 
 
-def _weight_rule(operation: str, bits: int, granularity: str) -> dict:
+def bundle_scheme(bundle: str, default: str, overrides: dict[str, str] | None = None) -> str:
+    """The scheme a bundle gets: its own override, else the default (int4 -> int8 for encoders)."""
+    if overrides and overrides.get(bundle):
+        return overrides[bundle]
+    if bundle in ENCODER_BUNDLES and default == "int4":
+        return "int8"
+    return default
+
+
+def _weight_rule(operation: str, bits: int, granularity: str, regex: str = ".*") -> dict:
     return {
-        "regex": ".*",
+        "regex": regex,
         "operation": operation,
         "algorithm_key": "min_max_uniform_quantize",
         "op_config": {
@@ -35,25 +59,92 @@ def _weight_rule(operation: str, bits: int, granularity: str) -> dict:
     }
 
 
-def bundle_recipe(bundle: str, scheme: str, block_size: int = 32) -> list[dict]:
-    """int8: per-channel int8 weights. int4: blockwise int4 (block_size along the input dim)."""
+@dataclass(frozen=True)
+class BundleQuant:
+    """How one bundle is quantized, and the ai-edge-quantizer recipe that does it."""
+
+    bundle: str
+    scheme: str  # none / int8 / int4
+    block_size: int | None = None  # int4: block of the linear layers (along their input dim)
+    table_block_size: int | None = None  # int4: block of the embedding tables (None: int8 fallback)
+    int8_linears: tuple[str, ...] = field(default_factory=tuple)  # layers whose input width the block does not divide
+
+    def recipe(self) -> list[dict]:
+        if self.scheme == "none":
+            return []
+        if self.scheme == "int8":
+            return [_weight_rule(op, 8, "CHANNELWISE") for op in BUNDLE_OPS[self.bundle]]
+        rules = []
+        for op in BUNDLE_OPS[self.bundle]:
+            block = self.table_block_size if op == "EMBEDDING_LOOKUP" else self.block_size
+            rules.append(_weight_rule(op, 4, f"BLOCKWISE_{block}") if block else _weight_rule(op, 8, "CHANNELWISE"))
+        # Later rules win in ai-edge-quantizer; op scope names end in "Linear_<attribute name>".
+        rules += [
+            _weight_rule("FULLY_CONNECTED", 8, "CHANNELWISE", rf"Linear_{re.escape(name)}(?![A-Za-z0-9_])")
+            for name in self.int8_linears
+        ]
+        return rules
+
+    def to_manifest(self) -> dict:
+        if self.scheme == "none":
+            return {"scheme": "float32"}
+        entry = {"scheme": self.scheme, "activations": "float32 (dynamic range)"}
+        if self.scheme == "int8":
+            entry["granularity"] = "per-channel"
+        else:
+            entry.update(granularity="blockwise", block_size=self.block_size)
+            if "EMBEDDING_LOOKUP" in BUNDLE_OPS[self.bundle]:
+                entry["table_block_size"] = self.table_block_size  # null: tables fell back to int8
+            if self.int8_linears:
+                entry["int8_fallback_layers"] = list(self.int8_linears)
+        return entry
+
+
+def plan_quantization(bundle: str, scheme: str, block_size: int, module) -> BundleQuant:
+    """Pick the recipe for `bundle` from its PyTorch module's layer shapes (meta tensors are fine)."""
+    from torch import nn  # imported here so that `g3n-convert --help` does not load torch
+
     if scheme not in SCHEMES:
         raise ValueError(f"unknown quantization scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
     if block_size not in BLOCK_SIZES:
         raise ValueError(f"block size must be one of {', '.join(map(str, BLOCK_SIZES))}")
-    if scheme == "none":
-        return []
-    bits, granularity = (8, "CHANNELWISE") if scheme == "int8" else (4, f"BLOCKWISE_{block_size}")
-    return [_weight_rule(op, bits, granularity) for op in BUNDLE_OPS[bundle]]
+    if scheme != "int4":
+        return BundleQuant(bundle, scheme)
+    narrow = sorted(
+        {name.rsplit(".", 1)[-1] for name, m in module.named_modules() if isinstance(m, nn.Linear) and m.in_features % block_size}
+    )
+    widths = [m.embedding_dim for m in module.modules() if isinstance(m, nn.Embedding)]
+    table_block = next((b for b in sorted(BLOCK_SIZES, reverse=True) if b <= block_size and all(w % b == 0 for w in widths)), None)
+    return BundleQuant(bundle, scheme, block_size, table_block, tuple(narrow))
 
 
-def quantize_tflite(model: bytes, bundle: str, scheme: str, block_size: int = 32) -> bytes:
-    """Quantize a float bundle's flatbuffer; returns the quantized flatbuffer."""
+def quantize_tflite(model: bytes, plan: BundleQuant) -> bytes:
+    """Quantize a float flatbuffer held in memory; returns the quantized flatbuffer."""
+    if not plan.recipe():
+        return model
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "float.tflite", Path(tmp) / "quantized.tflite"
+        src.write_bytes(model)
+        quantize_file(src, dst, plan)
+        return dst.read_bytes()
+
+
+def quantize_file(src: Path, dst: Path, plan: BundleQuant) -> None:
+    """Quantize the float flatbuffer at `src` into `dst`.
+
+    Given paths, ai-edge-quantizer maps the float file instead of copying it and writes the
+    result through a mapped output file: about half the peak memory of the in-memory API.
+    """
     from ai_edge_quantizer import quantizer
 
-    rules = bundle_recipe(bundle, scheme, block_size)
+    rules = plan.recipe()
     if not rules:
-        return model
-    q = quantizer.Quantizer(bytearray(model))
-    q.load_quantization_recipe(rules)
-    return bytes(q.quantize().quantized_model)  # bytearray -> bytes: the Interpreter rejects bytearray
+        shutil.copyfile(src, dst)
+        return
+    try:
+        q = quantizer.Quantizer(str(src))
+        q.load_quantization_recipe(rules)
+        # g3n draws its own progress.
+        q.quantize(serialize_to_path=str(dst), enable_progress_bar=False, enable_progress_report=False)
+    except (ValueError, RuntimeError) as exc:
+        raise ExportError(f"ai-edge-quantizer could not quantize {plan.bundle} to {plan.scheme}: {exc}") from exc

@@ -17,11 +17,17 @@ from converter.errors import BundleError
 
 
 class TextEngine:
-    def __init__(self, folder: Path, num_threads: int | None = None):
-        from ai_edge_litert.interpreter import Interpreter
+    """`files` replaces some bundles' paths (the quality report pairs float and quantized files);
+    `reference=True` runs LiteRT's built-in kernels without XNNPACK, which reads float weights
+    straight from the mapped file instead of repacking a second copy."""
+
+    def __init__(self, folder: Path, num_threads: int | None = None, *, manifest: dict | None = None,
+                 files: dict[str, Path] | None = None, reference: bool = False):
+        from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
         self.folder = Path(folder)
-        self.manifest = read_manifest(self.folder)
+        self.manifest = manifest if manifest is not None else read_manifest(self.folder)
+        resolver = OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES if reference else OpResolverType.AUTO
         self.cache_length = int(self.manifest["cache_length"])
         self.prefill_lengths = sorted(int(n) for n in self.manifest["prefill_lengths"])
         self.blocked = np.float32(self.manifest["mask"]["blocked"])
@@ -30,10 +36,12 @@ class TextEngine:
             entry = self.manifest["bundles"].get(name)
             if entry is None:
                 raise BundleError(f"{self.folder} has no {name} bundle in its manifest")
-            path = self.folder / entry["file"]
-            if not path.is_file() or path.stat().st_size != entry["bytes"]:
+            path = (files or {}).get(name) or self.folder / entry["file"]
+            if files is None and (not path.is_file() or path.stat().st_size != entry["bytes"]):
                 raise BundleError(f"{path} is missing or does not have the size recorded in manifest.json")
-            self.interpreters[name] = Interpreter(model_path=str(path), num_threads=num_threads)
+            self.interpreters[name] = Interpreter(
+                model_path=str(path), num_threads=num_threads, experimental_op_resolver_type=resolver
+            )
         core, emb, ple = (self.interpreters[n] for n in ("text_core", "embedder", "ple"))
         self._decode = (core.get_signature_runner("decode"), emb.get_signature_runner("decode_embedder"),
                         ple.get_signature_runner("decode_per_layer_embedder"))

@@ -38,3 +38,22 @@ def tiny_bundle(tiny_mm_checkpoint, tmp_path_factory) -> Path:
     out = Path(artifacts) / "tiny" if artifacts else tmp_path_factory.mktemp("bundle") / "tiny"
     convert(ConvertOptions(out=out, checkpoint=tiny_mm_checkpoint, prefill_lengths=TINY_PREFILL, cache_length=TINY_CACHE))
     return out
+
+
+def _quantized_tiny_bundle(scheme: str, checkpoint: Path, tmp_path_factory) -> Path:
+    from converter.pipeline import ConvertOptions, convert
+
+    artifacts = os.environ.get("G3N_ARTIFACTS")
+    out = Path(artifacts) / f"tiny-{scheme}" if artifacts else tmp_path_factory.mktemp("bundle") / f"tiny-{scheme}"
+    convert(ConvertOptions(out=out, checkpoint=checkpoint, quant=scheme, prefill_lengths=TINY_PREFILL, cache_length=TINY_CACHE))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_int8_bundle(tiny_mm_checkpoint, tmp_path_factory) -> Path:
+    return _quantized_tiny_bundle("int8", tiny_mm_checkpoint, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny_int4_bundle(tiny_mm_checkpoint, tmp_path_factory) -> Path:
+    return _quantized_tiny_bundle("int4", tiny_mm_checkpoint, tmp_path_factory)

@@ -1,0 +1,186 @@
+"""Quality report of quantized bundles against their float originals, on fixed inputs.
+
+Per bundle: cosine similarity of the quantized bundle's outputs to the float bundle's.
+  embedder / ple: the embeddings of the fixed prompts' tokens.
+  text_core:      next-token logits, quantized text core vs float text core, both fed the float
+                  embedder's and PLE's outputs (so only the text core's own error shows).
+Text path (all three bundles quantized vs all float, teacher-forced over the fixed prompts):
+  top-1 agreement of the next-token argmax, mean KL(float || quantized), logits cosine.
+
+The float side runs LiteRT's built-in kernels on the mapped float files (no XNNPACK repacking),
+the quantized side the default kernels a phone runtime uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+# Fixed prompt set: a few varied sentences, tokenized with the bundle's tokenizer when it has one.
+PROMPTS = (
+    "The quick brown fox jumps over the lazy dog while the farmer watches from the porch.",
+    "Explain in two sentences why the sky is blue during the day and red at sunset.",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)",
+    "Translate to French: I would like a cup of coffee and a croissant, please.",
+)
+PROMPT_TOKENS = 32  # tokens per prompt; the first half prefilled, the second half scored
+RANDOM_PROMPT_SEED = 1234  # bundles without a tokenizer are scored on seeded random token ids
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """The worst acceptable value of a metric, and the reason it sits there."""
+
+    limit: float
+    reason: str
+    higher_is_better: bool = True
+
+    def violated_by(self, value: float) -> bool:
+        return value < self.limit if self.higher_is_better else value > self.limit
+
+    def describe(self) -> str:
+        return f"{'min' if self.higher_is_better else 'max'} {self.limit}"
+
+
+# Warn (or fail with --strict) below these. Keyed (bundle or "text_path", scheme) -> metric -> bar.
+# int8 per-channel keeps each weight within 1/254 of its row's range; int4 block-32 within 1/14 of
+# its block's range, so int4 bars sit lower. The bars are set well under what healthy models score
+# (docs/QUANTIZATION.md lists the measurements), so crossing one means the weights quantize badly
+# (outliers, a broken checkpoint), not ordinary rounding noise.
+THRESHOLDS: dict[tuple[str, str], dict[str, Threshold]] = {
+    ("embedder", "int8"): {"cosine": Threshold(0.999, "a table lookup: the error is the rounding of one row, ~0.1%")},
+    ("embedder", "int4"): {"cosine": Threshold(0.98, "one row's int4 rounding; healthy tables score >= 0.99")},
+    ("ple", "int8"): {"cosine": Threshold(0.999, "a table lookup: the error is the rounding of one row, ~0.1%")},
+    ("ple", "int4"): {"cosine": Threshold(0.98, "one row's int4 rounding; healthy tables score >= 0.99")},
+    ("text_core", "int8"): {"cosine": Threshold(0.99, "errors of ~400 int8 matmuls compound through the layers")},
+    ("text_core", "int4"): {"cosine": Threshold(0.9, "int4 matmul errors compound through every layer")},
+    ("text_path", "int8"): {
+        "top1_agreement": Threshold(0.9, "int8 rarely changes the argmax except between near-tied tokens"),
+        "mean_kl": Threshold(0.05, "nats; int8 noise moves the distribution only slightly", higher_is_better=False),
+    },
+    ("text_path", "int4"): {
+        "top1_agreement": Threshold(0.6, "int4 flips near-tied argmaxes; a broken model agrees far less"),
+        "mean_kl": Threshold(0.5, "nats; int4 reshapes the tail of the distribution, not its bulk", higher_is_better=False),
+    },
+}
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    denom = np.linalg.norm(a) * np.linalg.norm(b)
+    return float(a @ b / denom) if denom > 0 else float(np.array_equal(a, b))
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = np.asarray(logits, np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def fixed_prompts(tokenizer: Path | None, vocab_size: int, bos_id: int, length: int) -> tuple[list[list[int]], str]:
+    """The prompt set as token ids, and a one-line description of it for the report."""
+    if tokenizer is not None:
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
+        prompts = [([bos_id] + sp.encode(p))[:length] for p in PROMPTS]
+        return prompts, f"{len(prompts)} fixed sentences, up to {length} tokens each"
+    rng = np.random.default_rng(RANDOM_PROMPT_SEED)
+    prompts = [[bos_id] + rng.integers(2, vocab_size, length - 1).tolist() for _ in PROMPTS]
+    return prompts, f"{len(prompts)} seeded random token sequences of {length} tokens (no tokenizer)"
+
+
+def token_bundle_cosine(float_path: Path, quant_path: Path, bundle: str, prompts: list[list[int]]) -> float:
+    """Cosine of embedder / ple outputs over every prompt token (decode signature, one id at a time)."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    signature = "decode_embedder" if bundle == "embedder" else "decode_per_layer_embedder"
+    ref = Interpreter(
+        model_path=str(float_path), experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    ).get_signature_runner(signature)
+    got = Interpreter(model_path=str(quant_path)).get_signature_runner(signature)
+    ids = sorted({t for p in prompts for t in p})
+    a = np.stack([ref(token_ids=np.array([[t]], np.int32))["embeddings"] for t in ids])
+    b = np.stack([got(token_ids=np.array([[t]], np.int32))["embeddings"] for t in ids])
+    return cosine(a, b)
+
+
+def teacher_forced_logits(engine, prompts: list[list[int]]) -> np.ndarray:
+    """Next-token logits at each position of each prompt's second half: [positions, vocab]."""
+    rows = []
+    for prompt in prompts:
+        engine.reset()
+        half = len(prompt) // 2
+        engine.feed(prompt[:half])
+        rows += [engine.step(t) for t in prompt[half:]]
+    return np.stack(rows)
+
+
+def text_path_metrics(reference: np.ndarray, candidate: np.ndarray) -> dict:
+    p_log, q_log = log_softmax(reference), log_softmax(candidate)
+    kl = (np.exp(p_log) * (p_log - q_log)).sum(-1)
+    return {
+        "top1_agreement": round(float((reference.argmax(-1) == candidate.argmax(-1)).mean()), 4),
+        "mean_kl": round(float(kl.mean()), 5),
+        "logits_cosine": round(cosine(reference, candidate), 5),
+        "positions": int(reference.shape[0]),
+    }
+
+
+def check_thresholds(bundle_schemes: dict[str, str], report: dict) -> list[str]:
+    """Human-readable failures of `report` (bundle -> metrics, plus "text_path") against THRESHOLDS."""
+    failures = []
+    for key, metrics in report.items():
+        if not metrics:
+            continue
+        if key == "text_path":
+            schemes = {s for b, s in bundle_schemes.items() if b in ("embedder", "ple", "text_core")}
+            scheme = "int4" if "int4" in schemes else "int8"
+        else:
+            scheme = bundle_schemes.get(key, "none")
+        for metric, bar in THRESHOLDS.get((key, scheme), {}).items():
+            if metric not in metrics:
+                continue
+            if bar.violated_by(metrics[metric]):
+                failures.append(f"{key} {scheme}: {metric} {metrics[metric]} ({bar.describe()}: {bar.reason})")
+    return failures
+
+
+def quality_report(folder: Path, manifest: dict, float_files: dict[str, Path], schemes: dict[str, str],
+                   tokenizer: Path | None) -> dict:
+    """Score the quantized bundles of `folder` against `float_files`; fills each quantized bundle's
+    manifest entry with its "quality" and returns the folder-level report (text path, warnings)."""
+    from runtime.engine import TextEngine
+
+    cfg = manifest["config"]
+    length = min(PROMPT_TOKENS, manifest["cache_length"])
+    prompts, described = fixed_prompts(tokenizer, cfg["vocab_size"], cfg["bos_token_id"], length)
+    bundles = manifest["bundles"]
+    results: dict[str, dict] = {}
+    for name in ("embedder", "ple"):
+        if name in float_files:
+            results[name] = {"cosine": round(token_bundle_cosine(float_files[name], folder / bundles[name]["file"], name, prompts), 5)}
+
+    if all(name in bundles for name in ("embedder", "ple", "text_core")):
+        def logits(files: dict[str, Path], reference: bool) -> np.ndarray:
+            engine = TextEngine(folder, manifest=manifest, files=files, reference=reference)
+            return teacher_forced_logits(engine, prompts)
+
+        quantized = {name: folder / entry["file"] for name, entry in bundles.items()}
+        originals = {**quantized, **float_files}
+        reference = logits(originals, reference=True)
+        if "text_core" in float_files:
+            core_only = logits({**originals, "text_core": quantized["text_core"]}, reference=False)
+            results["text_core"] = {"cosine": round(cosine(reference, core_only), 5)}
+        results["text_path"] = text_path_metrics(reference, logits(quantized, reference=False))
+
+    for name, metrics in results.items():
+        if name in bundles:
+            bundles[name]["quality"] = metrics
+    return {
+        "prompts": described,
+        "text_path": results.get("text_path"),
+        "warnings": check_thresholds(schemes, results),
+    }
