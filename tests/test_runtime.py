@@ -1,0 +1,181 @@
+"""The runner (runtime.Session, g3n-run) against transformers' generate, and its errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import Gemma3nForConditionalGeneration
+
+from runtime import ContextFullError, MediaError, SamplingConfig, Session
+from runtime.cli import main
+from runtime.sampling import Sampler
+
+NEW_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_mm_checkpoint):
+    return Gemma3nForConditionalGeneration.from_pretrained(
+        tiny_mm_checkpoint, attn_implementation="eager", dtype=torch.float32
+    ).eval()
+
+
+def hf_greedy(model, ids: list[int], stop_ids: set[int], new_tokens: int = NEW_TOKENS) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False,
+                             eos_token_id=sorted(stop_ids), pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.fixture()
+def session(tiny_bundle):
+    return Session(tiny_bundle)
+
+
+def test_raw_prompt_matches_transformers(session, reference):
+    prompt = "The quick brown fox jumps over the lazy dog"
+    ids = [session.tokenizer.bos_id] + session.tokenizer.encode(prompt)
+    result = session.generate(prompt, raw=True, max_new_tokens=NEW_TOKENS)
+    assert result.token_ids == hf_greedy(reference, ids, session.tokenizer.stop_ids)
+    assert result.stats["prompt_tokens"] == len(ids)
+    assert session.loaded_bundles == ["text_core", "embedder", "ple"]  # a text prompt loads no encoder
+
+
+def test_chat_turns_match_transformers(session, reference):
+    # Short turns: the tiny tokenizer spends about a token per character and the cache holds 96.
+    tok, n = session.tokenizer, 8
+    first = tok.user_turn("Capital of France?", system="Be brief.")
+    assert first[:2] == [tok.bos_id, tok.markers["<start_of_turn>"]]
+    turn1 = session.generate("Capital of France?", system="Be brief.", max_new_tokens=n)
+    expected1 = hf_greedy(reference, first, tok.stop_ids, n)
+    assert turn1.token_ids == expected1
+
+    # Turn 2 runs on the cached conversation; transformers gets the whole history as one prompt.
+    history = first + [t for t in expected1 if t not in tok.stop_ids] + tok.encode("<end_of_turn>\n")
+    history += tok.user_turn("And Spain?", first=False)
+    turn2 = session.generate("And Spain?", max_new_tokens=n)
+    assert turn2.finish_reason != "context_full"
+    assert turn2.token_ids == hf_greedy(reference, history, tok.stop_ids, n)
+    assert session.position == len(history) + len(turn2.token_ids) - 1
+
+    session.reset()
+    assert session.position == 0
+    assert session.generate("Capital of France?", system="Be brief.", max_new_tokens=n).token_ids == expected1
+
+
+def test_streaming_yields_the_reply(session):
+    pieces = list(session.stream("Tell me a story", max_new_tokens=8))
+    assert [p.token_id for p in pieces] == [t for t in session.last.token_ids if t not in session.tokenizer.stop_ids]
+    # Text is held back only while a multi-byte character is incomplete.
+    assert session.last.text.startswith("".join(p.text for p in pieces))
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(tiny_bundle):
+    def run(**cfg):
+        return Session(tiny_bundle).generate("Once upon a time", raw=True, max_new_tokens=12, sampling=SamplingConfig(**cfg)).token_ids
+
+    greedy = run()
+    assert run(temperature=1.0, top_k=1, seed=5) == greedy
+    assert run(temperature=1.5, seed=7) == run(temperature=1.5, seed=7)
+    assert run(temperature=1.5, seed=7) != run(temperature=1.5, seed=8)  # 12 draws at T=1.5 differ somewhere
+
+
+def test_sampler_follows_the_distribution():
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+    sampler = Sampler(SamplingConfig(temperature=1.0, seed=0))
+    counts = np.bincount([sampler(logits) for _ in range(20000)], minlength=4) / 20000
+    assert np.abs(counts - [0.5, 0.3, 0.15, 0.05]).max() < 0.015  # 3 sigma of a 20000-draw frequency
+    nucleus = Sampler(SamplingConfig(temperature=1.0, top_p=0.7, seed=0))
+    assert set(nucleus(logits) for _ in range(2000)) == {0, 1}  # 0.5 + 0.3 is the smallest set >= 0.7
+    top2 = Sampler(SamplingConfig(temperature=1.0, top_k=2, seed=0))
+    assert set(top2(logits) for _ in range(2000)) == {0, 1}
+    with pytest.raises(ValueError):
+        SamplingConfig(top_p=0)
+
+
+def test_context_limit(tiny_bundle):
+    chat = Session(tiny_bundle)
+    too_long = list(range(10, 10 + chat.cache_length + 1))
+    with pytest.raises(ContextFullError, match="cache"):
+        chat.generate(too_long)
+    assert chat.position == 0  # nothing ran
+    result = chat.generate(list(range(10, 10 + chat.cache_length - 4)), max_new_tokens=50)
+    assert result.finish_reason == "context_full" and chat.position == chat.cache_length
+
+
+def run_cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_cli_json_and_stats(tiny_bundle):
+    result = run_cli(tiny_bundle, "--prompt", "Hello", "--max-new-tokens", "6", "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["loaded_bundles"] == ["text_core", "embedder", "ple"]
+    assert len(out["token_ids"]) <= 6 and set(out["stats"]) >= {
+        "load_seconds", "time_to_first_token_seconds", "prefill_tokens_per_second", "decode_tokens_per_second", "peak_rss_mib"}
+    streamed = run_cli(tiny_bundle, "--prompt", "Hello", "--max-new-tokens", "6", "--stats")
+    assert streamed.exit_code == 0 and "decode" in streamed.stderr and "loaded: text_core, embedder, ple" in streamed.stderr
+
+
+def test_cli_interactive_chat(tiny_bundle):
+    result = CliRunner().invoke(main, [str(tiny_bundle), "--max-new-tokens", "4"], input="Hi\n/reset\nHello again\n/exit\n")
+    assert result.exit_code == 0, result.output
+    assert "(new conversation)" in result.stderr
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("missing", "text_core.tflite: missing"),
+    ("truncated", "text_core.tflite: "),
+    ("no_manifest", "no manifest.json"),
+])
+def test_cli_refuses_damaged_bundles(tiny_bundle, tmp_path, damage, message):
+    copy = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, copy)
+    core = copy / "text_core.tflite"
+    if damage == "missing":
+        core.unlink()
+    elif damage == "truncated":
+        core.write_bytes(core.read_bytes()[:4096])
+    else:
+        (copy / "manifest.json").unlink()
+    result = run_cli(copy, "--prompt", "Hi")
+    assert result.exit_code != 0 and message in result.stderr, result.output
+
+
+def test_cli_verify_catches_a_bit_flip(tiny_bundle, tmp_path):
+    copy = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, copy)
+    ple = copy / "ple.tflite"
+    data = bytearray(ple.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    ple.write_bytes(bytes(data))
+    result = run_cli(copy, "--prompt", "Hi", "--verify")
+    assert result.exit_code != 0 and "ple.tflite: sha256 differs" in result.stderr
+
+
+def test_cli_media_errors(tiny_bundle, tmp_path):
+    from PIL import Image
+
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    result = run_cli(tiny_bundle, "--prompt", "Describe", "--image", broken)
+    assert result.exit_code != 0 and "is not an image PIL can read" in result.stderr
+    missing = run_cli(tiny_bundle, "--prompt", "Describe", "--audio", tmp_path / "nope.wav")
+    assert missing.exit_code != 0 and "no such file" in missing.stderr
+    picture = tmp_path / "ok.png"
+    Image.new("RGB", (8, 8), "red").save(picture)
+    no_encoder = run_cli(tiny_bundle, "--prompt", "Describe", "--image", picture)
+    assert no_encoder.exit_code != 0 and "has no vision encoder" in no_encoder.stderr
+    with pytest.raises(MediaError):
+        Session(tiny_bundle).generate("Describe", image=picture)
+
+
+def test_cli_prompt_longer_than_context(tiny_bundle):
+    result = run_cli(tiny_bundle, "--prompt", "word " * 400, "--raw")
+    assert result.exit_code != 0 and "cache positions are free" in result.stderr
