@@ -144,12 +144,6 @@ def test_no_weights_given(tmp_path):
     assert_clean_error(code, out, "--checkpoint", "--random-weights")
 
 
-def test_quantization_not_available_yet_fails_clearly(tiny_mm_checkpoint, tmp_path):
-    code, out = run_cli(*convert_args(tiny_mm_checkpoint, tmp_path / "out", "--quant", "int4"))
-    assert_clean_error(code, out, "--quant int4", "not available")
-    assert not (tmp_path / "out" / "embedder.tflite").exists()
-
-
 def _tmpfs(path: Path, options: str, purpose: str):
     """A real tmpfs mount (root only) standing in for a full or read-only disk."""
     path.mkdir(parents=True, exist_ok=True)
