@@ -6,6 +6,7 @@ before its conversion, then dropped, so peak memory is set by the largest bundle
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import platform
 import shutil
@@ -23,6 +24,7 @@ from converter.errors import CheckpointError, G3nError, QualityError
 from converter.export import build_module, convert_to_tflite, text_bundle_plans
 from converter.model import MASK_VALUE
 from quant.recipes import BLOCK_SIZES, SCHEMES, bundle_scheme, plan_quantization, quantize_file
+from quant.streaming import quantize_tables_streaming
 
 TEXT_BUNDLES = ("embedder", "ple", "text_core")
 FLOAT_WORK_DIR = ".g3n-float"  # float originals of quantized bundles, kept for the quality report
@@ -149,11 +151,15 @@ def convert(opts: ConvertOptions, on_stage: Callable[[str], None] = lambda s: No
                 target = float_files[plan.name] = work / plan.file
             signatures = convert_to_tflite(plan, module, target)
             del module
-            gc.collect()
+            release_freed_memory()
             if quant.scheme != "none":
-                on_stage(f"{plan.name}: quantizing to {quant.scheme} with ai-edge-quantizer")
+                # The PLE table (8 GB float at E2B) is too big for ai-edge-quantizer's in-memory
+                # path, so it is quantized in streaming row chunks with the quantizer's own maths.
+                streaming = plan.name == "ple"
+                on_stage(f"{plan.name}: quantizing to {quant.scheme}" + (" (streaming)" if streaming else " with ai-edge-quantizer"))
                 with atomic_path(out / plan.file) as tmp:
-                    quantize_file(target, tmp, quant)
+                    (quantize_tables_streaming if streaming else quantize_file)(target, tmp, quant)
+                release_freed_memory()
             entry = file_entry(out / plan.file)
             bundles[plan.name] = {
                 **entry,
@@ -209,6 +215,16 @@ def convert(opts: ConvertOptions, on_stage: Callable[[str], None] = lambda s: No
     on_stage("writing manifest.json")
     write_manifest(out, manifest)
     return manifest
+
+
+def release_freed_memory() -> None:
+    """Collect garbage and hand glibc's freed heap back to the OS, so the next, separate step
+    (quantizing, the next bundle) does not stack its peak on memory the last one left behind."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def library_versions() -> dict:

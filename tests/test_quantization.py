@@ -218,3 +218,27 @@ def test_bad_block_size_is_refused(tmp_path):
     result = CliRunner().invoke(main, ["--variant", "tiny", "--random-weights", "--quant", "int4", "--block-size", "48", "--out", str(tmp_path / "x")])
     assert result.exit_code != 0 and "48" in result.output
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_streaming_table_quantizer_matches_ai_edge_quantizer(tiny_bundle, tmp_path, monkeypatch, scheme):
+    """quant/streaming.py (used for the PLE table) against ai-edge-quantizer's own pass: identical
+    lookups for every row, and the same file size up to flatbuffer layout."""
+    import torch
+
+    import quant.streaming
+    from quant.recipes import quantize_file
+
+    monkeypatch.setattr(quant.streaming, "CHUNK_BYTES", 4096)  # several rows per chunk, many chunks
+    with torch.device("meta"):
+        plan = plan_quantization("ple", scheme, 32, PerLayerEmbedder(tiny_config()))
+    reference, streamed = tmp_path / "aeq.tflite", tmp_path / "streamed.tflite"
+    quantize_file(tiny_bundle / "ple.tflite", reference, plan)
+    quant.streaming.quantize_tables_streaming(tiny_bundle / "ple.tflite", streamed, plan)
+
+    def lookups(path):
+        run = Interpreter(model_path=str(path)).get_signature_runner("decode_per_layer_embedder")
+        return np.stack([run(token_ids=np.array([[i]], np.int32))["embeddings"] for i in range(tiny_config().vocab_size_per_layer_input)])
+
+    np.testing.assert_array_equal(lookups(streamed), lookups(reference))
+    assert abs(streamed.stat().st_size - reference.stat().st_size) < 256
