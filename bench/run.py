@@ -25,7 +25,10 @@ CONVERT = [sys.executable, "-m", "converter.cli"]
 CASES = [
     ("tiny (checkpoint)", ["--prefill-lengths", "8,32", "--cache-length", "256"], ["embedder", "ple", "text_core"]),
     ("e2b (random weights)", ["--variant", "e2b", "--random-weights", "--prefill-lengths", "128", "--cache-length", "1024"], ["embedder", "ple", "text_core"]),
+    ("e2b int4 (random weights)", ["--variant", "e2b", "--random-weights", "--quant", "int4", "--no-quality-report",
+                                   "--prefill-lengths", "128", "--cache-length", "1024"], ["embedder", "ple", "text_core"]),
 ]
+INT4_IDEAL_BITS = 4 + 16 / 32  # 4-bit weights plus one fp16 scale per block of 32
 
 
 def machine() -> str:
@@ -46,7 +49,36 @@ def run_case(args: list[str], bundle: str, out: Path) -> dict:
         return {"error": stderr.strip().splitlines()[-1] if stderr.strip() else f"exit status {status}",
                 "seconds": wall, "peak_rss": usage.ru_maxrss * 1024}
     entry = json.loads((out / "manifest.json").read_text())["bundles"][bundle]
-    return {"seconds": wall, "peak_rss": usage.ru_maxrss * 1024, "bytes": entry["bytes"], "parameters": entry["parameters"]}
+    return {"seconds": wall, "peak_rss": usage.ru_maxrss * 1024, "bytes": entry["bytes"], "parameters": entry["parameters"],
+            "scheme": entry["quantization"]["scheme"]}
+
+
+def size_table(rows: list) -> list[str]:
+    """Quantized bundle sizes against the ideal: parameters x (4 bits + an fp16 scale per 32)."""
+    lines = [
+        "## Bundle sizes against the ideal (int4)",
+        "",
+        f"Ideal = parameters x {INT4_IDEAL_BITS} bits (4-bit weights, one fp16 scale per 32). The text core also "
+        "keeps its norms in float32 and AltUp's 4-input layers at int8, which the ideal leaves out.",
+        "",
+        "| variant | bundle | parameters | size | ideal | size / ideal | bits per weight |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    totals: dict[str, list[int]] = {}
+    for label, bundle, _, r in rows:
+        if r.get("scheme") != "int4":
+            continue
+        ideal = r["parameters"] * INT4_IDEAL_BITS / 8
+        total = totals.setdefault(label, [0, 0, 0])
+        total[0] += r["parameters"]
+        total[1] += r["bytes"]
+        total[2] += ideal
+        lines.append(f"| {label} | {bundle} | {r['parameters']:,} | {r['bytes'] / 1e9:.3f} GB | {ideal / 1e9:.3f} GB | "
+                     f"{r['bytes'] / ideal:.3f} | {8 * r['bytes'] / r['parameters']:.2f} |")
+    for label, (params, size, ideal) in totals.items():
+        lines.append(f"| {label} | **whole folder** | {params:,} | **{size / 1e9:.3f} GB** | {ideal / 1e9:.3f} GB | "
+                     f"{size / ideal:.3f} | {8 * size / params:.2f} |")
+    return lines + ["", "Target: the whole E2B int4 folder at most 3.2 GB (Google's E2B int4 .litertlm is 3.66 GB).", ""]
 
 
 def main() -> None:
@@ -76,26 +108,27 @@ def main() -> None:
         "",
         "Produced by `make bench` (bench/run.py). Numbers are from the machine and date below; re-run to refresh.",
         "",
-        "## Conversion: wall time, peak RSS and size per bundle (float32)",
+        "## Conversion: wall time, peak RSS and size per bundle",
         "",
         f"Machine: {machine()}. Date: {datetime.now(timezone.utc).strftime('%Y-%m-%d')}.",
         "Each row is one `g3n-convert ... --bundles NAME` process; peak RSS is that process's maximum resident set.",
         "",
-        "| variant | bundle | parameters | .tflite size | wall time | peak RSS | bytes of RSS per parameter |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| variant | bundle | scheme | parameters | .tflite size | wall time | peak RSS | bytes of RSS per parameter |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for label, bundle, _, r in rows:
         if "error" in r:
-            lines.append(f"| {label} | {bundle} | | failed: {r['error']} | {r['seconds']:.1f} s | {r['peak_rss'] / 2**30:.2f} GiB | |")
+            lines.append(f"| {label} | {bundle} | | | failed: {r['error']} | {r['seconds']:.1f} s | {r['peak_rss'] / 2**30:.2f} GiB | |")
             continue
         lines.append(
-            f"| {label} | {bundle} | {r['parameters']:,} | {r['bytes'] / 1e6:,.1f} MB | {r['seconds']:.1f} s | "
+            f"| {label} | {bundle} | {r['scheme']} | {r['parameters']:,} | {r['bytes'] / 1e6:,.1f} MB | {r['seconds']:.1f} s | "
             f"{r['peak_rss'] / 2**30:.2f} GiB | {r['peak_rss'] / r['parameters']:.1f} |"
         )
     lines += ["", "Commands (plus `--bundles NAME --out DIR -q`):", ""]
     for label, case_args, _ in CASES:
         source = "--checkpoint <tiny checkpoint> " if label.startswith("tiny") else ""
         lines.append(f"- {label}: `g3n-convert {source}{' '.join(case_args)}`")
+    lines += ["", *size_table(rows)]
     notes = ROOT / "bench" / "NOTES.md"
     if notes.exists():
         lines += ["", notes.read_text().strip()]
