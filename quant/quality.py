@@ -94,13 +94,11 @@ def fixed_prompts(tokenizer: Path | None, vocab_size: int, bos_id: int, length: 
 
 def token_bundle_cosine(float_path: Path, quant_path: Path, bundle: str, prompts: list[list[int]]) -> float:
     """Cosine of embedder / ple outputs over every prompt token (decode signature, one id at a time)."""
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+    from runtime.engine import open_interpreter
 
     signature = "decode_embedder" if bundle == "embedder" else "decode_per_layer_embedder"
-    ref = Interpreter(
-        model_path=str(float_path), experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
-    ).get_signature_runner(signature)
-    got = Interpreter(model_path=str(quant_path)).get_signature_runner(signature)
+    ref = open_interpreter(float_path, reference=True).get_signature_runner(signature)
+    got = open_interpreter(quant_path).get_signature_runner(signature)
     ids = sorted({t for p in prompts for t in p})
     a = np.stack([ref(token_ids=np.array([[t]], np.int32))["embeddings"] for t in ids])
     b = np.stack([got(token_ids=np.array([[t]], np.int32))["embeddings"] for t in ids])

@@ -1,13 +1,31 @@
-"""Text generation over a g3n bundle folder with the LiteRT interpreter.
+"""Text generation over a g3n bundle folder with LiteRT.
 
-The engine owns the KV cache (named numpy arrays, exactly the text core's signature tensors)
-and a position counter. `feed` pushes prompt tokens through the prefill signatures without
-computing logits; `step` decodes one token and returns its next-token logits. A prompt is fed
-as `feed(prompt[:-1])` then `step(prompt[-1])`, the order LiteRT-LM uses.
+The engine owns the KV cache and a position counter. `feed` pushes prompt tokens through the
+prefill signatures without computing logits; `step` decodes one token and returns its next-token
+logits. A prompt is fed as `feed(prompt[:-1])` then `step(prompt[-1])`, the order LiteRT-LM uses.
+
+Two ways to run the text core, with bit-identical logits (tests/test_runtime.py):
+
+  "compiled"     LiteRT's CompiledModel. One set of cache TensorBuffers is passed as both input
+                 and output of every signature, so the cache stays in place: no copy through
+                 Python, and the graph's DYNAMIC_UPDATE_SLICE writes only the new positions.
+                 E2B int4, cache 1024, 2 threads: 99-103 ms/token against 128-134 ms for
+                 "interpreter" (docs/BENCHMARKS.md). This is what g3n-run uses.
+  "interpreter"  The classic Interpreter's SignatureRunner: the cache goes in and comes back as
+                 numpy arrays every call. With reference=True it runs the built-in kernels
+                 without XNNPACK, which read float weights straight from the mapped file; the
+                 quality report scores quantized bundles against float ones this way.
+
+Every .tflite is opened with `Interpreter(model_path=...)` first: that loader verifies the
+flatbuffer (a corrupt file is a ValueError), while CompiledModel.from_file does not and can
+crash the process on a damaged file.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,65 +33,154 @@ import numpy as np
 from converter.bundle import read_manifest
 from converter.errors import BundleError
 
+TEXT_BUNDLES = ("text_core", "embedder", "ple")
+SMALL_INPUTS = ("embeddings", "per_layer_embeddings", "input_pos", "mask")
+
+
+@contextlib.contextmanager
+def quiet_native_logs():
+    """LiteRT's C++ side logs accelerator and plugin discovery (dozens of INFO / WARNING lines,
+    with no API to turn them down) straight to file descriptor 2. Send them to /dev/null while
+    models load; errors still arrive as Python exceptions. G3N_LITERT_LOGS=1 keeps them."""
+    if os.environ.get("G3N_LITERT_LOGS") == "1":
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def open_interpreter(path: Path, num_threads: int | None = None, reference: bool = False):
+    """An Interpreter over `path`, with a damaged flatbuffer reported as a BundleError."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    resolver = OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES if reference else OpResolverType.AUTO
+    try:
+        with quiet_native_logs():
+            return Interpreter(model_path=str(path), num_threads=num_threads, experimental_op_resolver_type=resolver)
+    except (ValueError, RuntimeError) as exc:
+        raise BundleError(f"{path} is not a valid LiteRT model ({exc}); `g3n-convert verify` checks a folder") from exc
+
+
+class InterpreterCore:
+    def __init__(self, path: Path, cache_shapes: dict, num_threads: int | None, reference: bool):
+        self.interpreter = open_interpreter(path, num_threads, reference)
+        self.cache_shapes = cache_shapes
+        self.runners = {}
+
+    def reset(self) -> None:
+        self.kv = {k: np.zeros(shape, np.float32) for k, shape in self.cache_shapes.items()}
+
+    def run(self, signature: str, inputs: dict, want_logits: bool):
+        if signature not in self.runners:
+            self.runners[signature] = self.interpreter.get_signature_runner(signature)
+        out = self.runners[signature](**inputs, **self.kv)
+        self.kv = {k: out[k] for k in self.kv}
+        return out["logits"][0, -1] if want_logits else None
+
+
+class CompiledCore:
+    def __init__(self, path: Path, cache_shapes: dict, num_threads: int | None):
+        open_interpreter(path)  # verifies the flatbuffer before the unverifying loader sees it
+        try:
+            with quiet_native_logs():
+                from ai_edge_litert.compiled_model import CompiledModel, CpuOptions, HardwareAccelerator, Options
+
+                options = Options(hardware_accelerators=HardwareAccelerator.CPU,
+                                  cpu_options=CpuOptions(num_threads=num_threads or 2))
+                self.model = CompiledModel.from_file(str(path), options=options)
+                signatures = self.model.get_signature_list()
+                # One cache, shared by every signature and passed as input and output: updated in place.
+                self.cache = {name: self.model.create_input_buffer_by_name("decode", name) for name in cache_shapes}
+                self.inputs = {s: {n: self.model.create_input_buffer_by_name(s, n) for n in SMALL_INPUTS} for s in signatures}
+                vocab = int(np.prod(self.model.get_output_tensor_details("decode")["logits"]["shape"]))
+                self.logits = (self.model.create_output_buffer_by_name("decode", "logits"), vocab)
+        except (ValueError, RuntimeError) as exc:
+            raise BundleError(f"LiteRT could not compile {path}: {exc}") from exc
+        self.cache_shapes = cache_shapes
+        self.warm: set[str] = set()
+
+    def reset(self) -> None:
+        with quiet_native_logs():  # TensorBuffer.write sets up an environment the first time, loudly
+            for name, buffer in self.cache.items():  # new buffers are not zeroed
+                buffer.write(np.zeros(self.cache_shapes[name], np.float32))
+
+    def run(self, signature: str, inputs: dict, want_logits: bool):
+        buffers = self.inputs[signature]
+        for name, value in inputs.items():
+            buffers[name].write(value)
+        outputs = dict(self.cache)
+        if signature == "decode":
+            outputs["logits"] = self.logits[0]
+        if signature in self.warm:
+            self.model.run_by_name(signature, {**buffers, **self.cache}, outputs)
+        else:  # the first run of a signature sets up its accelerator environment, loudly
+            with quiet_native_logs():
+                self.model.run_by_name(signature, {**buffers, **self.cache}, outputs)
+            self.warm.add(signature)
+        return self.logits[0].read(self.logits[1], np.float32) if want_logits else None
+
 
 class TextEngine:
-    """`files` replaces some bundles' paths (the quality report pairs float and quantized files);
-    `reference=True` runs LiteRT's built-in kernels without XNNPACK, which reads float weights
-    straight from the mapped file instead of repacking a second copy."""
+    """`files` replaces some bundles' paths (the quality report pairs float and quantized files)."""
 
     def __init__(self, folder: Path, num_threads: int | None = None, *, manifest: dict | None = None,
-                 files: dict[str, Path] | None = None, reference: bool = False):
-        from ai_edge_litert.interpreter import Interpreter, OpResolverType
-
+                 files: dict[str, Path] | None = None, backend: str = "compiled", reference: bool = False):
         self.folder = Path(folder)
         self.manifest = manifest if manifest is not None else read_manifest(self.folder)
-        resolver = OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES if reference else OpResolverType.AUTO
         self.cache_length = int(self.manifest["cache_length"])
         self.prefill_lengths = sorted(int(n) for n in self.manifest["prefill_lengths"])
         self.blocked = np.float32(self.manifest["mask"]["blocked"])
-        self.interpreters = {}
-        for name in ("text_core", "embedder", "ple"):
+        paths = {}
+        for name in TEXT_BUNDLES:
             entry = self.manifest["bundles"].get(name)
             if entry is None:
                 raise BundleError(f"{self.folder} has no {name} bundle in its manifest")
-            path = (files or {}).get(name) or self.folder / entry["file"]
-            if files is None and (not path.is_file() or path.stat().st_size != entry["bytes"]):
-                raise BundleError(f"{path} is missing or does not have the size recorded in manifest.json")
-            self.interpreters[name] = Interpreter(
-                model_path=str(path), num_threads=num_threads, experimental_op_resolver_type=resolver
-            )
-        core, emb, ple = (self.interpreters[n] for n in ("text_core", "embedder", "ple"))
-        self._decode = (core.get_signature_runner("decode"), emb.get_signature_runner("decode_embedder"),
-                        ple.get_signature_runner("decode_per_layer_embedder"))
-        self._prefill = {
-            n: (core.get_signature_runner(f"prefill_{n}"), emb.get_signature_runner(f"prefill_embedder_{n}"),
-                ple.get_signature_runner(f"prefill_per_layer_embedder_{n}"))
+            paths[name] = (files or {}).get(name) or self.folder / entry["file"]
+            if files is None and (not paths[name].is_file() or paths[name].stat().st_size != entry["bytes"]):
+                raise BundleError(f"{paths[name]} is missing or does not have the size recorded in manifest.json")
+        spec = self.manifest["bundles"]["text_core"]["signatures"]["decode"]["inputs"]
+        cache_shapes = {k: v["shape"] for k, v in spec.items() if k.startswith("kv_cache_")}
+        if backend == "compiled" and not reference:
+            self.core = CompiledCore(paths["text_core"], cache_shapes, num_threads)
+        elif backend in ("compiled", "interpreter"):
+            self.core = InterpreterCore(paths["text_core"], cache_shapes, num_threads, reference)
+        else:
+            raise ValueError(f"unknown backend {backend!r}")
+        emb, ple = (open_interpreter(paths[n], num_threads, reference) for n in ("embedder", "ple"))
+        self._lookups = {
+            n: (emb.get_signature_runner(f"prefill_embedder_{n}"), ple.get_signature_runner(f"prefill_per_layer_embedder_{n}"))
             for n in self.prefill_lengths
         }
-        spec = self.manifest["bundles"]["text_core"]["signatures"]["decode"]["inputs"]
-        self._cache_shapes = {k: v["shape"] for k, v in spec.items() if k.startswith("kv_cache_")}
+        self._lookups[1] = (emb.get_signature_runner("decode_embedder"), ple.get_signature_runner("decode_per_layer_embedder"))
         self.reset()
 
     def reset(self) -> None:
-        self.kv = {k: np.zeros(shape, np.float32) for k, shape in self._cache_shapes.items()}
+        self.core.reset()
         self.position = 0
 
     def _mask(self, positions: np.ndarray) -> np.ndarray:
         allowed = np.arange(self.cache_length)[None, :] <= positions[:, None]
         return np.where(allowed, np.float32(0), self.blocked)[None, None].astype(np.float32)
 
-    def _run(self, runners, token_ids: np.ndarray, positions: np.ndarray, want_logits: bool):
-        core, emb, ple = runners
+    def _run(self, token_ids: np.ndarray, positions: np.ndarray, want_logits: bool):
+        n = len(token_ids)
+        embed, per_layer = self._lookups[n]
         ids = token_ids.reshape(1, -1).astype(np.int32)
-        out = core(
-            embeddings=emb(token_ids=ids)["embeddings"],
-            per_layer_embeddings=ple(token_ids=ids)["embeddings"],
-            input_pos=positions.astype(np.int32),
-            mask=self._mask(positions),
-            **self.kv,
-        )
-        self.kv = {k: out[k] for k in self.kv}
-        return out["logits"][0, -1] if want_logits else None
+        inputs = {
+            "embeddings": embed(token_ids=ids)["embeddings"],
+            "per_layer_embeddings": per_layer(token_ids=ids)["embeddings"],
+            "input_pos": positions.astype(np.int32),
+            "mask": self._mask(positions),
+        }
+        signature = f"prefill_{n}" if not want_logits and n in self.prefill_lengths else "decode"
+        return self.core.run(signature, inputs, want_logits)
 
     def feed(self, token_ids) -> None:
         """Write tokens into the KV cache with the prefill signatures (no logits)."""
@@ -85,18 +192,19 @@ class TextEngine:
         while len(ids):
             # The smallest signature that takes the rest in one call, else the largest; padding
             # writes only positions that later tokens overwrite before anything attends to them.
+            # A chunk must also end inside the cache, or DYNAMIC_UPDATE_SLICE would clamp the write.
             fits = [n for n in self.prefill_lengths if n >= len(ids) and self.position + n <= self.cache_length]
             usable = [n for n in self.prefill_lengths if self.position + n <= self.cache_length]
             if not usable:  # too close to the end of the cache for any prefill signature
                 for t in ids:
-                    self._run(self._decode, np.array([t]), np.array([self.position]), want_logits=False)
+                    self._run(np.array([t]), np.array([self.position]), want_logits=False)
                     self.position += 1
                 return
             n = min(fits) if fits else max(usable)
             chunk = ids[:n]
             real = len(chunk)
             padded = np.concatenate([chunk, np.zeros(n - real, np.int64)])
-            self._run(self._prefill[n], padded, self.position + np.arange(n), want_logits=False)
+            self._run(padded, self.position + np.arange(n), want_logits=False)
             self.position += real
             ids = ids[real:]
 
@@ -104,7 +212,7 @@ class TextEngine:
         """Decode one token at the current position; returns the next-token logits [vocab]."""
         if self.position >= self.cache_length:
             raise BundleError(f"context full: the bundle's cache holds {self.cache_length} tokens")
-        logits = self._run(self._decode, np.array([token_id]), np.array([self.position]), want_logits=True)
+        logits = self._run(np.array([token_id]), np.array([self.position]), want_logits=True)
         self.position += 1
         return logits
 
