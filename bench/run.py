@@ -26,8 +26,15 @@ CASES = [
     ("tiny (checkpoint)", ["--prefill-lengths", "8,32", "--cache-length", "256"], ["embedder", "ple", "text_core"]),
     ("e2b (random weights)", ["--variant", "e2b", "--random-weights", "--prefill-lengths", "128", "--cache-length", "1024"], ["embedder", "ple", "text_core"]),
     ("e2b int4 (random weights)", ["--variant", "e2b", "--random-weights", "--quant", "int4", "--no-quality-report",
-                                   "--prefill-lengths", "128", "--cache-length", "1024"], ["embedder", "ple", "text_core"]),
+                                   "--prefill-lengths", "128,512", "--cache-length", "1280"], ["embedder", "ple", "text_core"]),
 ]
+# g3n-run measurements: (case label, prompt lengths, backends). 32 tokens are generated each time.
+RUN_CASES = [
+    ("tiny (checkpoint)", [64, 200], ["compiled", "interpreter"]),
+    ("e2b int4 (random weights)", [128, 512, 1024], ["compiled"]),
+    ("e2b int4 (random weights)", [128], ["interpreter"]),
+]
+NEW_TOKENS = 32
 INT4_IDEAL_BITS = 4 + 16 / 32  # 4-bit weights plus one fp16 scale per block of 32
 
 
@@ -51,6 +58,59 @@ def run_case(args: list[str], bundle: str, out: Path) -> dict:
     entry = json.loads((out / "manifest.json").read_text())["bundles"][bundle]
     return {"seconds": wall, "peak_rss": usage.ru_maxrss * 1024, "bytes": entry["bytes"], "parameters": entry["parameters"],
             "scheme": entry["quantization"]["scheme"]}
+
+
+def assemble(parts: list[Path], dest: Path) -> Path:
+    """One bundle folder from per-bundle conversions of the same model (same config and
+    signatures): hard links to the .tflite files and a manifest with every bundle."""
+    dest.mkdir(parents=True, exist_ok=True)
+    manifest = None
+    for part in parts:
+        m = json.loads((part / "manifest.json").read_text())
+        for entry in [*m["bundles"].values(), *m["files"].values()]:
+            if not (dest / entry["file"]).exists():
+                os.link(part / entry["file"], dest / entry["file"])
+        if manifest is None:
+            manifest = m
+        else:
+            manifest["bundles"].update(m["bundles"])
+    (dest / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return dest
+
+
+def run_generation(folder: Path, prompt_tokens: int, backend: str) -> dict:
+    cmd = [sys.executable, str(ROOT / "bench" / "runtime_case.py"), str(folder), "--prompt-tokens", str(prompt_tokens),
+           "--new-tokens", str(NEW_TOKENS), "--backend", backend]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    out, err = proc.stdout.read(), proc.stderr.read()
+    if os.waitstatus_to_exitcode(status) != 0:
+        return {"error": err.strip().splitlines()[-1] if err.strip() else f"exit status {status}"}
+    return dict(json.loads(out.strip().splitlines()[-1]), peak_rss=usage.ru_maxrss * 1024)
+
+
+def runtime_table(results: list) -> list[str]:
+    lines = [
+        "## g3n-run: load, time to first token, prefill and decode speed, peak RSS",
+        "",
+        f"Each row is one process (bench/runtime_case.py): load the folder, prefill a prompt of random token ids, "
+        f"decode {NEW_TOKENS} tokens greedily, 2 threads. `compiled` is g3n-run's loop (CompiledModel, KV cache "
+        "updated in place); `interpreter` passes the whole cache through Python each call (for comparison). "
+        "Text bundles only: no encoder is loaded for a text prompt.",
+        "",
+        "| bundle | backend | prompt tokens | load | time to first token | prefill tok/s | decode tok/s | ms/token | peak RSS |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, backend, n, r in results:
+        if "error" in r:
+            lines.append(f"| {label} | {backend} | {n} | failed: {r['error']} | | | | | |")
+            continue
+        rate = r["decode_tokens_per_second"]
+        lines.append(
+            f"| {label} | {backend} | {n} | {r['load_seconds']:.2f} s | {r['time_to_first_token_seconds']:.3f} s | "
+            f"{r['prefill_tokens_per_second']:.1f} | {rate:.2f} | {1000 / rate:.1f} | {r['peak_rss'] / 2**20:,.0f} MiB |"
+        )
+    return lines + [""]
 
 
 def size_table(rows: list) -> list[str]:
@@ -87,7 +147,7 @@ def main() -> None:
     parser.add_argument("--tiny-only", action="store_true", help="skip the real-size cases")
     args = parser.parse_args()
 
-    rows = []
+    rows, runs, folders = [], [], {}
     with tempfile.TemporaryDirectory(prefix="g3n-bench-") as tmp:
         tmp = Path(tmp)
         subprocess.run([sys.executable, "-m", "converter.tiny_checkpoint", str(tmp / "tiny")], cwd=ROOT, check=True,
@@ -97,11 +157,24 @@ def main() -> None:
                 continue
             if label.startswith("tiny"):
                 case_args = ["--checkpoint", str(tmp / "tiny"), *case_args]
+            parts = []
             for bundle in bundles:
                 print(f"converting {label} {bundle} ...", flush=True)
-                result = run_case(case_args, bundle, tmp / f"{label.split()[0]}-{bundle}")
+                parts.append(tmp / f"{label.replace(' ', '_')}-{bundle}")
+                result = run_case(case_args, bundle, parts[-1])
                 rows.append((label, bundle, " ".join(case_args).replace(str(tmp), "<tmp>"), result))
                 print(f"  {result}", flush=True)
+            if all("error" not in r for lab, _, _, r in rows if lab == label):
+                folders[label] = assemble(parts, tmp / f"{label.replace(' ', '_')}-all")
+        for label, lengths, backends in RUN_CASES:
+            if label not in folders:
+                continue
+            for backend in backends:
+                for n in lengths:
+                    print(f"running {label} {backend} prompt {n} ...", flush=True)
+                    result = run_generation(folders[label], n, backend)
+                    runs.append((label, backend, n, result))
+                    print(f"  {result}", flush=True)
 
     lines = [
         "# Benchmarks",
@@ -128,7 +201,7 @@ def main() -> None:
     for label, case_args, _ in CASES:
         source = "--checkpoint <tiny checkpoint> " if label.startswith("tiny") else ""
         lines.append(f"- {label}: `g3n-convert {source}{' '.join(case_args)}`")
-    lines += ["", *size_table(rows)]
+    lines += ["", *size_table(rows), *runtime_table(runs)]
     notes = ROOT / "bench" / "NOTES.md"
     if notes.exists():
         lines += ["", notes.read_text().strip()]

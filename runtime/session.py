@@ -103,11 +103,11 @@ def open_bundle(folder: Path, verify: bool = False) -> dict:
 
 
 class Session:
-    def __init__(self, folder: Path, *, verify: bool = False, num_threads: int | None = None):
+    def __init__(self, folder: Path, *, verify: bool = False, num_threads: int | None = None, backend: str = "compiled"):
         started = time.perf_counter()
         self.folder = Path(folder)
         self.manifest = open_bundle(self.folder, verify)
-        self.engine = TextEngine(self.folder, num_threads, manifest=self.manifest)
+        self.engine = TextEngine(self.folder, num_threads, manifest=self.manifest, backend=backend)
         tokenizer = self.manifest.get("files", {}).get("tokenizer")
         self.tokenizer = Tokenizer(self.folder / tokenizer["file"]) if tokenizer else None
         self.encoders: dict[str, object] = {}
