@@ -159,6 +159,9 @@ def convert(opts: ConvertOptions, on_stage: Callable[[str], None] = lambda s: No
                 on_stage(f"{plan.name}: quantizing to {quant.scheme}" + (" (streaming)" if streaming else " with ai-edge-quantizer"))
                 with atomic_path(out / plan.file) as tmp:
                     (quantize_tables_streaming if streaming else quantize_file)(target, tmp, quant)
+                if not opts.quality_report:  # nothing will read the float original again
+                    target.unlink()
+                    del float_files[plan.name]
                 release_freed_memory()
             entry = file_entry(out / plan.file)
             bundles[plan.name] = {
