@@ -173,8 +173,12 @@ def main(ctx, checkpoint, random_weights, seed, variant, quant, block_size, quan
 
     if as_json:
         click.echo(json.dumps(manifest, indent=2))
-        return
-    print_summary(opts.out, manifest)
+    else:
+        print_summary(opts.out, manifest)
+    if "quality" in manifest:  # the quality report ran LiteRT, which logs its teardown at exit
+        from runtime.engine import quiet_native_teardown
+
+        quiet_native_teardown()
 
 
 def print_summary(out: Path, manifest: dict) -> None:

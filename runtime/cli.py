@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import click
 
 from converter.errors import G3nError
+from runtime.engine import quiet_native_teardown
 
 EPILOG = """\b
 Examples:
@@ -23,19 +23,8 @@ Examples:
 
 def _fail(message: str, code: int = 1):
     click.echo(f"g3n-run: error: {message}", err=True)
-    _quiet_native_teardown()
+    quiet_native_teardown()
     sys.exit(code)
-
-
-def _quiet_native_teardown() -> None:
-    """LiteRT logs each accelerator it destroys at exit to file descriptor 2; everything g3n-run
-    has to say is printed by now."""
-    if os.environ.get("G3N_LITERT_LOGS") == "1":
-        return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
 
 
 def _raise_keyboard_interrupt(signum, frame):
@@ -108,7 +97,7 @@ def main(bundle, prompt, system, image, audio, max_new_tokens, temperature, top_
         _fail(str(exc))
     except KeyboardInterrupt:
         _fail("interrupted", 130)
-    _quiet_native_teardown()
+    quiet_native_teardown()
 
 
 def _stream(session, prompt: str, options: dict) -> None:

@@ -56,6 +56,16 @@ def quiet_native_logs():
         os.close(saved)
 
 
+def quiet_native_teardown() -> None:
+    """LiteRT logs every accelerator it destroys at process exit to file descriptor 2. A command
+    calls this once everything it has to say is printed."""
+    if os.environ.get("G3N_LITERT_LOGS") == "1":
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+
+
 def open_interpreter(path: Path, num_threads: int | None = None, reference: bool = False):
     """An Interpreter over `path`, with a damaged flatbuffer reported as a BundleError."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
