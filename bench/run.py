@@ -45,19 +45,29 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}), {mem_kb / 2**20:.0f} GiB RAM, Python {platform.python_version()}"
 
 
-def run_case(args: list[str], bundle: str, out: Path) -> dict:
-    cmd = [*CONVERT, *args, "--bundles", bundle, "--out", str(out), "-q"]
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    stderr = proc.stderr.read()
+def measured_run(cmd: list[str]) -> tuple[str, dict]:
+    """Run `cmd` as its own process; returns its stdout and {seconds, peak_rss} (from wait4),
+    plus "error" (its last stderr line) when it failed. Output goes through temporary files so
+    that wait4, not communicate(), reaps the process and reports its rusage."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        result = {"seconds": time.perf_counter() - start, "peak_rss": usage.ru_maxrss * 1024}
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read().strip()
     if os.waitstatus_to_exitcode(status) != 0:
-        return {"error": stderr.strip().splitlines()[-1] if stderr.strip() else f"exit status {status}",
-                "seconds": wall, "peak_rss": usage.ru_maxrss * 1024}
+        result["error"] = stderr.splitlines()[-1] if stderr else f"exit status {status}"
+    return stdout, result
+
+
+def run_case(args: list[str], bundle: str, out: Path) -> dict:
+    _, result = measured_run([*CONVERT, *args, "--bundles", bundle, "--out", str(out), "-q"])
+    if "error" in result:
+        return result
     entry = json.loads((out / "manifest.json").read_text())["bundles"][bundle]
-    return {"seconds": wall, "peak_rss": usage.ru_maxrss * 1024, "bytes": entry["bytes"], "parameters": entry["parameters"],
-            "scheme": entry["quantization"]["scheme"]}
+    return {**result, "bytes": entry["bytes"], "parameters": entry["parameters"], "scheme": entry["quantization"]["scheme"]}
 
 
 def assemble(parts: list[Path], dest: Path) -> Path:
@@ -79,14 +89,11 @@ def assemble(parts: list[Path], dest: Path) -> Path:
 
 
 def run_generation(folder: Path, prompt_tokens: int, backend: str) -> dict:
-    cmd = [sys.executable, str(ROOT / "bench" / "runtime_case.py"), str(folder), "--prompt-tokens", str(prompt_tokens),
-           "--new-tokens", str(NEW_TOKENS), "--backend", backend]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
-    out, err = proc.stdout.read(), proc.stderr.read()
-    if os.waitstatus_to_exitcode(status) != 0:
-        return {"error": err.strip().splitlines()[-1] if err.strip() else f"exit status {status}"}
-    return dict(json.loads(out.strip().splitlines()[-1]), peak_rss=usage.ru_maxrss * 1024)
+    stdout, result = measured_run([sys.executable, str(ROOT / "bench" / "runtime_case.py"), str(folder),
+                                   "--prompt-tokens", str(prompt_tokens), "--new-tokens", str(NEW_TOKENS), "--backend", backend])
+    if "error" in result:
+        return result
+    return {**json.loads(stdout.strip().splitlines()[-1]), "peak_rss": result["peak_rss"]}
 
 
 def runtime_table(results: list) -> list[str]:
