@@ -54,9 +54,9 @@ class Tokenizer:
         ids = self.encode(f"{START_OF_TURN}user\n{body}{END_OF_TURN}\n{START_OF_TURN}model\n")
         return ([self.bos_id] if first else []) + ids
 
-    def close_model_turn(self, ended_with_end_of_turn: bool) -> list[int]:
-        """What completes the model's turn in the history before the next user turn."""
-        return self.encode(("" if ended_with_end_of_turn else END_OF_TURN) + "\n")
+    def close_model_turn(self) -> list[int]:
+        """What closes the model's turn in the history before the next user turn."""
+        return self.encode(END_OF_TURN + "\n")
 
 
 class TextStream:

@@ -227,11 +227,11 @@ class Session:
         )
 
     def _history_tail(self, last: int, raw: bool) -> list[int]:
-        """The sampled last token is not in the cache yet; a chat turn also closes with <end_of_turn>\\n."""
+        """The sampled last token is not in the cache yet. A chat turn is then closed with
+        <end_of_turn> and a newline, as the chat template renders a finished reply (a stop token is replaced)."""
         if raw or self.tokenizer is None or not self.tokenizer.markers:
             return [last]
-        ended = last in self.tokenizer.stop_ids
-        return ([] if ended else [last]) + self.tokenizer.close_model_turn(ended_with_end_of_turn=False)
+        return ([] if last in self.tokenizer.stop_ids else [last]) + self.tokenizer.close_model_turn()
 
     def generate(self, prompt: str | list[int], **kwargs) -> Generation:
         for _ in self.stream(prompt, **kwargs):
