@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
-
 from pathlib import Path
 
 from converter.errors import ExportError
@@ -116,17 +114,6 @@ def plan_quantization(bundle: str, scheme: str, block_size: int, module) -> Bund
     widths = [m.embedding_dim for m in module.modules() if isinstance(m, nn.Embedding)]
     table_block = next((b for b in sorted(BLOCK_SIZES, reverse=True) if b <= block_size and all(w % b == 0 for w in widths)), None)
     return BundleQuant(bundle, scheme, block_size, table_block, tuple(narrow))
-
-
-def quantize_tflite(model: bytes, plan: BundleQuant) -> bytes:
-    """Quantize a float flatbuffer held in memory; returns the quantized flatbuffer."""
-    if not plan.recipe():
-        return model
-    with tempfile.TemporaryDirectory() as tmp:
-        src, dst = Path(tmp) / "float.tflite", Path(tmp) / "quantized.tflite"
-        src.write_bytes(model)
-        quantize_file(src, dst, plan)
-        return dst.read_bytes()
 
 
 def quantize_file(src: Path, dst: Path, plan: BundleQuant) -> None:

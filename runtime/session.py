@@ -26,7 +26,7 @@ from pathlib import Path
 
 from converter.bundle import read_manifest, verify_bundle
 from converter.errors import BundleError
-from runtime.chat import Tokenizer, TextStream
+from runtime.chat import TextStream, Tokenizer
 from runtime.engine import TextEngine
 from runtime.sampling import Sampler, SamplingConfig
 
@@ -160,7 +160,7 @@ class Session:
         return self.tokenizer.user_turn(prompt, system=system if first else None, first=first)
 
     # -- generation ----------------------------------------------------------------------------
-    def stream(self, prompt: str | list[int], *, max_new_tokens: int = 256, sampling: SamplingConfig = SamplingConfig(),
+    def stream(self, prompt: str | list[int], *, max_new_tokens: int = 256, sampling: SamplingConfig | None = None,
                raw: bool = False, system: str | None = None, image: Path | None = None,
                audio: Path | None = None) -> Iterator[Piece]:
         """Yield the reply token by token. `prompt` as a string is wrapped in the chat turn format
@@ -182,7 +182,7 @@ class Session:
                 f"the prompt needs {len(ids)} tokens but only {free} of the bundle's {self.cache_length} cache "
                 "positions are free; start a new conversation (reset) or convert with a larger --cache-length"
             )
-        sampler = Sampler(sampling)
+        sampler = Sampler(sampling or SamplingConfig())
         stop_ids = self.tokenizer.stop_ids if self.tokenizer else set()
         text = TextStream(self.tokenizer) if self.tokenizer else None
         self._owed = []

@@ -15,7 +15,7 @@ from converter.cli import main
 from converter.config import tiny_config
 from converter.model import PerLayerEmbedder, TextDecoder, TokenEmbedder
 from quant.quality import PROMPTS, THRESHOLDS, check_thresholds
-from quant.recipes import bundle_scheme, plan_quantization, quantize_tflite
+from quant.recipes import bundle_scheme, plan_quantization, quantize_file
 from runtime.engine import TextEngine
 
 BUNDLE_FILES = ("embedder.tflite", "ple.tflite", "text_core.tflite")
@@ -152,9 +152,9 @@ def test_scheme_policy_and_threshold_check():
     assert check_thresholds({"embedder": "int4"}, {"embedder": {"cosine": 0.999}}) == []
 
 
-def test_quantize_leaves_float_bytes_for_none(tiny_bundle):
-    data = (tiny_bundle / "ple.tflite").read_bytes()
-    assert quantize_tflite(data, plan_quantization("ple", "none", 32, None)) is data
+def test_scheme_none_copies_the_float_file(tiny_bundle, tmp_path):
+    quantize_file(tiny_bundle / "ple.tflite", tmp_path / "ple.tflite", plan_quantization("ple", "none", 32, None))
+    assert (tmp_path / "ple.tflite").read_bytes() == (tiny_bundle / "ple.tflite").read_bytes()
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +227,6 @@ def test_streaming_table_quantizer_matches_ai_edge_quantizer(tiny_bundle, tmp_pa
     import torch
 
     import quant.streaming
-    from quant.recipes import quantize_file
 
     monkeypatch.setattr(quant.streaming, "CHUNK_BYTES", 4096)  # several rows per chunk, many chunks
     with torch.device("meta"):
