@@ -150,7 +150,7 @@ def quality_report(folder: Path, manifest: dict, float_files: dict[str, Path], s
                    tokenizer: Path | None) -> dict:
     """Score the quantized bundles of `folder` against `float_files`; fills each quantized bundle's
     manifest entry with its "quality" and returns the folder-level report (text path, warnings)."""
-    from runtime.engine import TextEngine
+    from runtime.engine import TEXT_BUNDLES, TextEngine
 
     cfg = manifest["config"]
     length = min(PROMPT_TOKENS, manifest["cache_length"])
@@ -161,7 +161,7 @@ def quality_report(folder: Path, manifest: dict, float_files: dict[str, Path], s
         if name in float_files:
             results[name] = {"cosine": round(token_bundle_cosine(float_files[name], folder / bundles[name]["file"], name, prompts), 5)}
 
-    if all(name in bundles for name in ("embedder", "ple", "text_core")):
+    if all(name in bundles for name in TEXT_BUNDLES):
         def logits(files: dict[str, Path], reference: bool) -> np.ndarray:
             engine = TextEngine(folder, manifest=manifest, files=files, reference=reference)
             return teacher_forced_logits(engine, prompts)

@@ -27,10 +27,9 @@ from pathlib import Path
 from converter.bundle import read_manifest, verify_bundle
 from converter.errors import BundleError
 from runtime.chat import TextStream, Tokenizer
-from runtime.engine import TextEngine
+from runtime.engine import TEXT_BUNDLES, TextEngine
 from runtime.sampling import Sampler, SamplingConfig
 
-TEXT_BUNDLES = ("text_core", "embedder", "ple")
 ENCODERS = {"image": "vision", "audio": "audio"}
 
 
