@@ -35,6 +35,7 @@ artifacts: setup
 	$(BIN)/g3n-convert --checkpoint artifacts/tiny-checkpoint --out artifacts/tiny --prefill-lengths 8,32 --cache-length 256
 
 bench: setup
+	$(BIN)/pip install --quiet -e ".[dev,bench]"
 	$(BIN)/python bench/run.py --out docs/BENCHMARKS.md
 
 clean:

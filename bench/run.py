@@ -1,7 +1,8 @@
-"""make bench: conversion wall time, peak RSS and size per bundle -> docs/BENCHMARKS.md.
+"""make bench: conversion time, peak RSS and sizes, and g3n-run speed -> docs/BENCHMARKS.md (+ PNG plots).
 
 Each bundle is converted in its own `g3n-convert --bundles NAME` process, so the peak RSS
-(from wait4's rusage) belongs to that bundle alone.
+(from wait4's rusage) belongs to that bundle alone; the main command then runs whole, as a user
+runs it, for E2B and E4B.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -20,14 +22,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CONVERT = [sys.executable, "-m", "converter.cli"]
 
-# (label, g3n-convert arguments, bundles). Real-size float32 bundles are the worst case for
-# conversion memory; a row that fails records what ran out.
+# (label, g3n-convert arguments, bundles): one process per bundle, so each peak belongs to one
+# bundle; the runtime cases run on the folder assembled from these.
 CASES = [
     ("tiny (checkpoint)", ["--prefill-lengths", "8,32", "--cache-length", "256"], ["embedder", "ple", "text_core"]),
-    ("e2b (random weights)", ["--variant", "e2b", "--random-weights", "--prefill-lengths", "128", "--cache-length", "1024"], ["embedder", "ple", "text_core"]),
     ("e2b int4 (random weights)", ["--variant", "e2b", "--random-weights", "--quant", "int4", "--no-quality-report",
                                    "--prefill-lengths", "128,512", "--cache-length", "1280"], ["embedder", "ple", "text_core"]),
 ]
+# The main command as a user runs it: every bundle in one process, quality report included.
+WHOLE_CASES = [
+    ("e2b int4", ["--variant", "e2b", "--random-weights", "--quant", "int4"]),
+    ("e4b int4", ["--variant", "e4b", "--random-weights", "--quant", "int4"]),
+]
+MEMORY_TARGET = 16 * 2**30  # conversion peak RSS target on this 24 GiB machine
 # g3n-run measurements: (case label, prompt lengths, backends). 32 tokens are generated each time.
 RUN_CASES = [
     ("tiny (checkpoint)", [64, 200], ["compiled", "interpreter"]),
@@ -86,6 +93,95 @@ def assemble(parts: list[Path], dest: Path) -> Path:
             manifest["bundles"].update(m["bundles"])
     (dest / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return dest
+
+
+def run_whole(args: list[str], out: Path) -> dict:
+    _, result = measured_run([*CONVERT, *args, "--out", str(out), "-q"])
+    if "error" in result:
+        return result
+    manifest = json.loads((out / "manifest.json").read_text())
+    bundles = manifest["bundles"].values()
+    return {**result, "bytes": sum(b["bytes"] for b in bundles), "parameters": sum(b["parameters"] for b in bundles),
+            "quality": manifest.get("quality") or {}}
+
+
+def whole_table(results: list) -> list[str]:
+    lines = [
+        "## The main command: every bundle in one process",
+        "",
+        "`g3n-convert --variant VARIANT --random-weights --quant int4 --out DIR`: embedder, PLE and text core, "
+        "then the quality report against the float bundles, as a user runs it. Peak RSS is the whole process's "
+        f"maximum resident set (wait4); the target is {MEMORY_TARGET / 2**30:.0f} GiB.",
+        "",
+        "| variant | parameters | folder size | wall time | peak RSS | within target | quality report |",
+        "|---|---:|---:|---:|---:|---|---|",
+    ]
+    for label, r in results:
+        if "error" in r:
+            lines.append(f"| {label} | | failed: {r['error']} | {r['seconds']:.0f} s | {r['peak_rss'] / 2**30:.2f} GiB | no | |")
+            continue
+        quality = r["quality"]
+        path = quality.get("text_path")
+        if path:
+            report = f"top-1 {path['top1_agreement']:.1%}, KL {path['mean_kl']:.3f}"
+        else:
+            report = "not scored: " + "; ".join(f"{k}" for k in quality.get("not_scored", {})) if quality else "off"
+        lines.append(
+            f"| {label} | {r['parameters']:,} | {r['bytes'] / 1e9:.3f} GB | {r['seconds']:.0f} s | "
+            f"{r['peak_rss'] / 2**30:.2f} GiB | {'yes' if r['peak_rss'] <= MEMORY_TARGET else 'no'} | {report} |"
+        )
+    for label, r in results:
+        for name, reason in r.get("quality", {}).get("not_scored", {}).items():
+            lines.append(f"\n{label}, {name} not scored: {reason}.")
+    return lines + [""]
+
+
+def plot_conversion(rows: list, whole: list, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars = [(f"{label.split(' (')[0]}\n{bundle}", r["peak_rss"] / 2**30) for label, bundle, _, r in rows
+            if not label.startswith("tiny")]
+    bars += [(f"{label}\nall bundles", r["peak_rss"] / 2**30) for label, r in whole]
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    ax.bar([b[0] for b in bars], [b[1] for b in bars], color="#4c72b0")
+    ax.axhline(MEMORY_TARGET / 2**30, color="#c44e52", linestyle="--", label="16 GiB target")
+    ax.set_ylabel("peak RSS (GiB)")
+    ax.set_title("g3n-convert peak memory, random weights at real shape")
+    for i, (_, value) in enumerate(bars):
+        ax.text(i, value + 0.2, f"{value:.1f}", ha="center", fontsize=8)
+    ax.legend(loc="upper left")
+    ax.tick_params(axis="x", labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_runtime(runs: list, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list] = {}
+    for label, backend, n, r in runs:
+        if "error" not in r and not label.startswith("tiny"):
+            series.setdefault(f"{label.split(' (')[0]} {backend}", []).append((n, r))
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.4))
+    for name, points in series.items():
+        points.sort()
+        for ax, key in zip(axes, ("prefill_tokens_per_second", "decode_tokens_per_second")):
+            ax.plot([n for n, _ in points], [r[key] for _, r in points], marker="o", label=name)
+    for ax, title in zip(axes, ("prefill tok/s", "decode tok/s")):
+        ax.set_xlabel("prompt tokens")
+        ax.set_title(title)
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def run_generation(folder: Path, prompt_tokens: int, backend: str) -> dict:
@@ -173,6 +269,13 @@ def main() -> None:
                 print(f"  {result}", flush=True)
             if all("error" not in r for lab, _, _, r in rows if lab == label):
                 folders[label] = assemble(parts, tmp / f"{label.replace(' ', '_')}-all")
+        whole = []
+        for label, case_args in WHOLE_CASES if not args.tiny_only else []:
+            print(f"converting {label}, all bundles in one process ...", flush=True)
+            result = run_whole(case_args, tmp / f"{label.replace(' ', '_')}-whole")
+            whole.append((label, result))
+            print(f"  {result}", flush=True)
+            shutil.rmtree(tmp / f"{label.replace(' ', '_')}-whole", ignore_errors=True)
         for label, lengths, backends in RUN_CASES:
             if label not in folders:
                 continue
@@ -208,7 +311,16 @@ def main() -> None:
     for label, case_args, _ in CASES:
         source = "--checkpoint <tiny checkpoint> " if label.startswith("tiny") else ""
         lines.append(f"- {label}: `g3n-convert {source}{' '.join(case_args)}`")
-    lines += ["", *size_table(rows), *runtime_table(runs)]
+    lines += ["", *(whole_table(whole) if whole else []), *size_table(rows), *runtime_table(runs)]
+    plots = args.out.parent / "bench"
+    plots.mkdir(parents=True, exist_ok=True)
+    if whole:
+        plot_conversion(rows, whole, plots / "conversion_memory.png")
+        at = lines.index("## The main command: every bundle in one process") + 1
+        lines[at:at] = ["", "![conversion peak RSS](bench/conversion_memory.png)"]
+    if any(not label.startswith("tiny") for label, *_ in runs):
+        plot_runtime(runs, plots / "runtime_speed.png")
+        lines += ["![g3n-run prefill and decode speed](bench/runtime_speed.png)", ""]
     notes = ROOT / "bench" / "NOTES.md"
     if notes.exists():
         lines += ["", notes.read_text().strip()]

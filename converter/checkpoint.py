@@ -11,10 +11,12 @@ opening a checkpoint fails, naming every tensor, if anything is missing, unmappe
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
@@ -178,6 +180,15 @@ class SafetensorsCheckpoint:
         except (SafetensorError, OSError, RuntimeError) as exc:
             raise CheckpointError(f"cannot read {hf} from {self._where[hf].name}: {exc}") from exc
 
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of a weight as float32: a big table is read a slice at a time."""
+        hf = self.name_map[name]
+        try:
+            rows = self._handles[self._where[hf]].get_slice(hf)[start:stop]
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise CheckpointError(f"cannot read {hf} from {self._where[hf].name}: {exc}") from exc
+        return rows.to(torch.float32).numpy()
+
     def fingerprint(self) -> str:
         """sha256 over the safetensors files and config.json: identifies the source in manifests."""
         digest = hashlib.sha256()
@@ -190,19 +201,39 @@ class SafetensorsCheckpoint:
 
 
 class RandomWeights:
-    """Deterministic random weights at any scale: each tensor is drawn from its own generator
-    seeded by (seed, name), so bundles can be built independently and in any order."""
+    """Deterministic random weights at any scale. Each tensor is drawn in blocks of rows, each block
+    from its own generator seeded by (seed, name, block), so bundles can be built independently, in
+    any order, and a 2 GB table a slice at a time. The lm_head is tied to embed_tokens, as in the
+    checkpoints."""
+
+    BLOCK_ELEMENTS = 1 << 22
 
     def __init__(self, cfg: TextConfig, seed: int, expected_shapes: dict[str, tuple[int, ...]]):
         self.cfg, self.seed, self.shapes = cfg, seed, expected_shapes
 
-    def tensor(self, name: str) -> torch.Tensor:
-        shape = self.shapes[name]
-        digest = hashlib.sha256(f"{self.seed}:{name}".encode()).digest()
+    def _block(self, name: str, index: int, rows: int, row_shape: tuple[int, ...]) -> torch.Tensor:
+        digest = hashlib.sha256(f"{self.seed}:{name}:{index}".encode()).digest()
         gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        values = torch.randn((rows, *row_shape), generator=gen)
         if name.endswith("norm.weight"):
-            return 1.0 + 0.1 * torch.randn(shape, generator=gen)
-        return (0.02 if len(shape) > 1 else 0.1) * torch.randn(shape, generator=gen)
+            return 1.0 + 0.1 * values
+        return values * (0.02 if row_shape else 0.1)
+
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        if name == "decoder.lm_head.weight":
+            name = "embedder.embed_tokens.weight"
+        shape = self.shapes[name]
+        row_shape = tuple(shape[1:])
+        per_block = max(1, self.BLOCK_ELEMENTS // max(1, math.prod(row_shape)))
+        first, last = start // per_block, (stop - 1) // per_block
+        blocks = [
+            self._block(name, b, min(per_block, shape[0] - b * per_block), row_shape) for b in range(first, last + 1)
+        ]
+        offset = start - first * per_block
+        return torch.cat(blocks)[offset:offset + stop - start].numpy()
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return torch.from_numpy(self.read_rows(name, 0, self.shapes[name][0]))
 
     def fingerprint(self) -> str:
         return f"random-weights:seed={self.seed}"

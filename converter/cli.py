@@ -52,7 +52,14 @@ def quiet_libraries(verbose: bool) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+_interrupted = False
+
+
 def _raise_keyboard_interrupt(signum, frame):
+    # Native code (MLIR, LiteRT) can swallow the exception when the signal lands in a callback it
+    # runs; the flag makes the next stage boundary raise it again.
+    global _interrupted
+    _interrupted = True
     raise KeyboardInterrupt
 
 
@@ -73,6 +80,8 @@ class _StageDisplay:
         self.started = 0.0
 
     def __call__(self, stage: str) -> None:
+        if _interrupted:
+            raise KeyboardInterrupt
         self._finish()
         self.current, self.started = stage, time.perf_counter()
         if self.console.is_terminal:
@@ -135,6 +144,7 @@ def main(ctx, checkpoint, random_weights, seed, variant, quant, block_size, quan
 
     quiet_libraries(verbose)
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    signal.signal(signal.SIGINT, _raise_keyboard_interrupt)
     name = variant or ("e2b" if checkpoint is None else Path(checkpoint).name)
     opts = ConvertOptions(
         out=out or Path(f"g3n-{name}"),
@@ -205,6 +215,8 @@ def print_summary(out: Path, manifest: dict) -> None:
             f"Text path vs float over {report['prompts']}: top-1 agreement {path['top1_agreement']:.1%}, "
             f"mean KL {path['mean_kl']:.4f} nats, logits cosine {path['logits_cosine']:.5f}"
         )
+    for name, reason in (report or {}).get("not_scored", {}).items():
+        console.print(f"Not scored: {name}: {reason}")
     for warning in (report or {}).get("warnings", []):
         Console(stderr=True, highlight=False).print(f"[bold red]WARNING: quantized quality below threshold:[/] {warning}")
     console.print(f"Check it any time with: g3n-convert verify {out}")

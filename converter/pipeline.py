@@ -1,13 +1,17 @@
 """The conversion pipeline behind g3n-convert: config -> weights -> one bundle at a time -> manifest.
 
-Each bundle's module is built on the meta device and materialised from the weight source just
-before its conversion, then dropped, so peak memory is set by the largest bundle, not the model.
+Each bundle's module is built on the meta device and converted with stand-ins for its big weights
+(converter/standins.py), so litert-torch never holds the real ones; the bundle writer
+(quant/streaming.py) then streams them, float or quantized, from the weight source into the file.
+Peak memory is set by the converter's graph work and the largest linear layer, not by the model.
 """
 
 from __future__ import annotations
 
 import ctypes
 import gc
+import math
+import os
 import platform
 import shutil
 import time
@@ -18,16 +22,17 @@ from pathlib import Path
 
 from converter import __version__
 from converter.bundle import FORMAT, FORMAT_VERSION, atomic_path, file_entry, prepare_output_dir, write_manifest
-from converter.checkpoint import RandomWeights, SafetensorsCheckpoint, expected_shapes, materialize
+from converter.checkpoint import RandomWeights, SafetensorsCheckpoint, expected_shapes
 from converter.config import VARIANTS, TextConfig, load_hf_config, variant_config
 from converter.errors import CheckpointError, G3nError, QualityError
 from converter.export import build_module, convert_to_tflite, text_bundle_plans
 from converter.model import MASK_VALUE
-from quant.recipes import BLOCK_SIZES, SCHEMES, bundle_scheme, plan_quantization, quantize_file
-from quant.streaming import quantize_tables_streaming
+from converter.standins import materialize_with_standins
+from quant.recipes import BLOCK_SIZES, SCHEMES, bundle_scheme, plan_quantization
+from quant.streaming import write_bundle
 
 TEXT_BUNDLES = ("embedder", "ple", "text_core")
-FLOAT_WORK_DIR = ".g3n-float"  # float originals of quantized bundles, kept for the quality report
+WORK_DIR = ".g3n-work"  # converted graphs before their weights are written; float originals for the quality report
 
 
 @dataclass
@@ -135,34 +140,35 @@ def convert(opts: ConvertOptions, on_stage: Callable[[str], None] = lambda s: No
 
     out = Path(opts.out)
     prepare_output_dir(out)
-    work = out / FLOAT_WORK_DIR
+    work = out / WORK_DIR
     float_files: dict[str, Path] = {}
+    unscored: dict[str, str] = {}  # quantized bundles the report cannot score here, and why
     bundles = {}
     try:
         for plan in plans:
             on_stage(f"{plan.name}: loading weights")
-            module = materialize(build_module(plan, cfg), plan.weights_prefix, source)
-            params = sum(p.numel() for p in module.parameters())
+            module, standins = materialize_with_standins(build_module(plan, cfg), plan.weights_prefix, source)
+            params = sum(math.prod(shapes[plan.weights_prefix + name]) for name, _ in module.named_parameters())
             quant = plan_quantization(plan.name, schemes[plan.name], opts.block_size, module)
             on_stage(f"{plan.name}: converting with litert-torch ({len(plan.signatures)} signatures)")
-            target = out / plan.file
-            if quant.scheme != "none":
-                work.mkdir(exist_ok=True)
-                target = float_files[plan.name] = work / plan.file
-            signatures = convert_to_tflite(plan, module, target)
+            work.mkdir(exist_ok=True)
+            converted = work / f"{plan.name}.converted.tflite"
+            signatures = convert_to_tflite(plan, module, converted)
             del module
             release_freed_memory()
-            if quant.scheme != "none":
-                # The PLE table (8 GB float at E2B) is too big for ai-edge-quantizer's in-memory
-                # path, so it is quantized in streaming row chunks with the quantizer's own maths.
-                streaming = plan.name == "ple"
-                on_stage(f"{plan.name}: quantizing to {quant.scheme}" + (" (streaming)" if streaming else " with ai-edge-quantizer"))
-                with atomic_path(out / plan.file) as tmp:
-                    (quantize_tables_streaming if streaming else quantize_file)(target, tmp, quant)
-                if not opts.quality_report:  # nothing will read the float original again
-                    target.unlink()
-                    del float_files[plan.name]
-                release_freed_memory()
+            if quant.scheme != "none" and opts.quality_report:  # the float original, for the report
+                unfit = reference_memory_problem(plan.name, params)
+                if unfit:
+                    unscored[plan.name] = unfit
+                else:
+                    on_stage(f"{plan.name}: writing float weights for the quality report")
+                    float_files[plan.name] = work / plan.file
+                    write_bundle(converted, float_files[plan.name], plan_quantization(plan.name, "none", opts.block_size, None), standins, source)
+            on_stage(f"{plan.name}: writing weights" + (f" ({quant.scheme})" if quant.scheme != "none" else ""))
+            with atomic_path(out / plan.file) as tmp:
+                write_bundle(converted, tmp, quant, standins, source)
+            converted.unlink()
+            release_freed_memory()
             entry = file_entry(out / plan.file)
             bundles[plan.name] = {
                 **entry,
@@ -199,11 +205,11 @@ def convert(opts: ConvertOptions, on_stage: Callable[[str], None] = lambda s: No
             "bundles": bundles,
             "files": files,
         }
-        if float_files and opts.quality_report:
+        if (float_files or unscored) and opts.quality_report:
             from quant.quality import quality_report
 
             on_stage("measuring quantization quality against the float bundles")
-            manifest["quality"] = quality_report(out, manifest, float_files, schemes, out / "tokenizer.model" if files else None)
+            manifest["quality"] = quality_report(out, manifest, float_files, schemes, out / "tokenizer.model" if files else None, unscored)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -218,6 +224,24 @@ def convert(opts: ConvertOptions, on_stage: Callable[[str], None] = lambda s: No
     on_stage("writing manifest.json")
     write_manifest(out, manifest)
     return manifest
+
+
+def physical_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def reference_memory_problem(bundle: str, params: int) -> str | None:
+    """Why the quality report cannot score `bundle` on this machine, or None if it can.
+
+    Scoring the text path runs the float32 text core, whose weights are all resident while it runs;
+    above half the machine's memory (E4B: 18 GB) that would dwarf the rest of the conversion."""
+    if bundle != "text_core":
+        return None  # the embedder and PLE references read only the rows of the prompts' tokens
+    need, total = 4 * params, physical_memory()
+    if need <= total / 2:
+        return None
+    return (f"its float32 reference ({need / 2**30:.1f} GiB) needs more than half of this machine's "
+            f"{total / 2**30:.0f} GiB RAM; score it on a machine with {2 * need / 2**30:.0f} GiB or more")
 
 
 def release_freed_memory() -> None:

@@ -147,9 +147,10 @@ def check_thresholds(bundle_schemes: dict[str, str], report: dict) -> list[str]:
 
 
 def quality_report(folder: Path, manifest: dict, float_files: dict[str, Path], schemes: dict[str, str],
-                   tokenizer: Path | None) -> dict:
+                   tokenizer: Path | None, unscored: dict[str, str] | None = None) -> dict:
     """Score the quantized bundles of `folder` against `float_files`; fills each quantized bundle's
-    manifest entry with its "quality" and returns the folder-level report (text path, warnings)."""
+    manifest entry with its "quality" and returns the folder-level report (text path, warnings).
+    `unscored`: quantized bundles with no float original (and why); the text path then goes unscored."""
     from runtime.engine import TEXT_BUNDLES, TextEngine
 
     cfg = manifest["config"]
@@ -161,7 +162,10 @@ def quality_report(folder: Path, manifest: dict, float_files: dict[str, Path], s
         if name in float_files:
             results[name] = {"cosine": round(token_bundle_cosine(float_files[name], folder / bundles[name]["file"], name, prompts), 5)}
 
-    if all(name in bundles for name in TEXT_BUNDLES):
+    unscored = dict(unscored or {})
+    if all(name in bundles for name in TEXT_BUNDLES) and unscored:
+        unscored["text_path"] = f"needs the float {', '.join(unscored)}"
+    elif all(name in bundles for name in TEXT_BUNDLES):
         def logits(files: dict[str, Path], reference: bool) -> np.ndarray:
             engine = TextEngine(folder, manifest=manifest, files=files, reference=reference)
             return teacher_forced_logits(engine, prompts)
@@ -177,8 +181,11 @@ def quality_report(folder: Path, manifest: dict, float_files: dict[str, Path], s
     for name, metrics in results.items():
         if name in bundles:
             bundles[name]["quality"] = metrics
-    return {
+    report = {
         "prompts": described,
         "text_path": results.get("text_path"),
         "warnings": check_thresholds(schemes, results),
     }
+    if unscored:
+        report["not_scored"] = unscored
+    return report

@@ -34,7 +34,7 @@ def _raise_keyboard_interrupt(signum, frame):
 def _print_stats(stats: dict, loaded: list[str]) -> None:
     rate = stats["decode_tokens_per_second"]
     click.echo(
-        f"[load {stats['load_seconds']:.2f}s | {stats['prompt_tokens']} prompt tokens, "
+        f"[load {stats['load_seconds']:.2f}s (weight cache {stats['weight_cache']}) | {stats['prompt_tokens']} prompt tokens, "
         f"time to first token {stats['time_to_first_token_seconds']:.3f}s, "
         f"prefill {stats['prefill_tokens_per_second']:.1f} tok/s | {stats['generated_tokens']} generated, "
         f"decode {'-' if rate is None else f'{rate:.1f}'} tok/s | peak RSS {stats['peak_rss_mib']:.0f} MiB | "
@@ -59,7 +59,12 @@ def _print_stats(stats: dict, loaded: list[str]) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, token_ids, loaded_bundles, stats) instead of streaming.")
 @click.option("--verify", is_flag=True, help="Check every file's sha256 against manifest.json before loading (sizes are always checked).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for LiteRT (default: LiteRT's choice).")
-def main(bundle, prompt, system, image, audio, max_new_tokens, temperature, top_k, top_p, seed, raw, stats, as_json, verify, threads):
+@click.option("--weight-cache", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for XNNPACK's packed-weight cache (default: $G3N_CACHE_DIR or ~/.cache/g3n). "
+                   "The first load writes it; later loads map it: faster, and the weights are held once.")
+@click.option("--no-weight-cache", is_flag=True, help="Pack the weights in memory on every load instead.")
+def main(bundle, prompt, system, image, audio, max_new_tokens, temperature, top_k, top_p, seed, raw, stats, as_json, verify,
+         threads, weight_cache, no_weight_cache):
     """Generate text with a g3n bundle folder (text_core, embedder, ple, tokenizer.model).
 
     Streams the reply as it is produced. Vision / audio encoders load only for prompts that
@@ -73,7 +78,8 @@ def main(bundle, prompt, system, image, audio, max_new_tokens, temperature, top_
         _fail("--json needs --prompt")
     try:
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        session = Session(bundle, verify=verify, num_threads=threads)
+        cache_dir = None if no_weight_cache else (weight_cache or "default")
+        session = Session(bundle, verify=verify, num_threads=threads, weight_cache_dir=cache_dir)
         options = dict(max_new_tokens=max_new_tokens, sampling=sampling, raw=raw, system=system, image=image, audio=audio)
         if prompt is None:
             _interactive(session, options, stats)

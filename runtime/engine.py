@@ -95,15 +95,35 @@ class InterpreterCore:
         return out["logits"][0, -1] if want_logits else None
 
 
+def default_weight_cache_dir() -> Path:
+    """Where XNNPACK weight caches go: $G3N_CACHE_DIR, else $XDG_CACHE_HOME/g3n, else ~/.cache/g3n."""
+    if os.environ.get("G3N_CACHE_DIR"):
+        return Path(os.environ["G3N_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "g3n"
+
+
 class CompiledCore:
-    def __init__(self, path: Path, cache_shapes: dict, num_threads: int | None):
-        open_interpreter(path)  # verifies the flatbuffer before the unverifying loader sees it
+    """`weight_cache`: XNNPACK's packed weights in a file. Without one, XNNPACK repacks the int4
+    weights into heap memory on every load (E2B: 12 s), and the mapped file pages it read stay
+    resident too, so the weights count twice. With one, the first load writes the packed weights
+    to the file and every load maps them: they count once, and later loads skip the packing."""
+
+    def __init__(self, path: Path, cache_shapes: dict, num_threads: int | None, weight_cache: Path | None = None):
+        # Verifies the flatbuffer before the unverifying loader sees it; no delegate, so no packing.
+        open_interpreter(path, reference=True)
+        self.weight_cache = "off"
+        if weight_cache is not None:
+            try:
+                weight_cache.parent.mkdir(parents=True, exist_ok=True)
+                self.weight_cache = "loaded" if weight_cache.is_file() else "built"
+            except OSError:  # an unwritable cache folder only costs speed and memory
+                weight_cache = None
         try:
             with quiet_native_logs():
                 from ai_edge_litert.compiled_model import CompiledModel, CpuOptions, HardwareAccelerator, Options
 
-                options = Options(hardware_accelerators=HardwareAccelerator.CPU,
-                                  cpu_options=CpuOptions(num_threads=num_threads or 2))
+                cpu = CpuOptions(num_threads=num_threads or 2, xnnpack_weight_cache_path=str(weight_cache or ""))
+                options = Options(hardware_accelerators=HardwareAccelerator.CPU, cpu_options=cpu)
                 self.model = CompiledModel.from_file(str(path), options=options)
                 signatures = self.model.get_signature_list()
                 # One cache, shared by every signature and passed as input and output: updated in place.
@@ -141,7 +161,8 @@ class TextEngine:
     """`files` replaces some bundles' paths (the quality report pairs float and quantized files)."""
 
     def __init__(self, folder: Path, num_threads: int | None = None, *, manifest: dict | None = None,
-                 files: dict[str, Path] | None = None, backend: str = "compiled", reference: bool = False):
+                 files: dict[str, Path] | None = None, backend: str = "compiled", reference: bool = False,
+                 weight_cache_dir: Path | None = None):
         self.folder = Path(folder)
         self.manifest = manifest if manifest is not None else read_manifest(self.folder)
         self.cache_length = int(self.manifest["cache_length"])
@@ -158,7 +179,12 @@ class TextEngine:
         spec = self.manifest["bundles"]["text_core"]["signatures"]["decode"]["inputs"]
         cache_shapes = {k: v["shape"] for k, v in spec.items() if k.startswith("kv_cache_")}
         if backend == "compiled" and not reference:
-            self.core = CompiledCore(paths["text_core"], cache_shapes, num_threads)
+            weight_cache = None
+            if weight_cache_dir is not None and "text_core" not in (files or {}):
+                # Named by the file's sha256, so a changed bundle never meets a stale cache.
+                sha = self.manifest["bundles"]["text_core"]["sha256"]
+                weight_cache = Path(weight_cache_dir) / f"text_core-{sha[:16]}.xnnpack_cache"
+            self.core = CompiledCore(paths["text_core"], cache_shapes, num_threads, weight_cache)
         elif backend in ("compiled", "interpreter"):
             self.core = InterpreterCore(paths["text_core"], cache_shapes, num_threads, reference)
         else:

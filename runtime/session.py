@@ -27,7 +27,7 @@ from pathlib import Path
 from converter.bundle import read_manifest, verify_bundle
 from converter.errors import BundleError
 from runtime.chat import TextStream, Tokenizer
-from runtime.engine import TEXT_BUNDLES, TextEngine
+from runtime.engine import TEXT_BUNDLES, TextEngine, default_weight_cache_dir
 from runtime.sampling import Sampler, SamplingConfig
 
 ENCODERS = {"image": "vision", "audio": "audio"}
@@ -102,11 +102,17 @@ def open_bundle(folder: Path, verify: bool = False) -> dict:
 
 
 class Session:
-    def __init__(self, folder: Path, *, verify: bool = False, num_threads: int | None = None, backend: str = "compiled"):
+    def __init__(self, folder: Path, *, verify: bool = False, num_threads: int | None = None, backend: str = "compiled",
+                 weight_cache_dir: Path | None | str = "default"):
+        """`weight_cache_dir`: where XNNPACK keeps the text core's packed weights between loads
+        (default: runtime.engine.default_weight_cache_dir()); None packs them in memory every load."""
         started = time.perf_counter()
         self.folder = Path(folder)
         self.manifest = open_bundle(self.folder, verify)
-        self.engine = TextEngine(self.folder, num_threads, manifest=self.manifest, backend=backend)
+        if weight_cache_dir == "default":
+            weight_cache_dir = default_weight_cache_dir()
+        self.engine = TextEngine(self.folder, num_threads, manifest=self.manifest, backend=backend,
+                                 weight_cache_dir=weight_cache_dir)
         tokenizer = self.manifest.get("files", {}).get("tokenizer")
         self.tokenizer = Tokenizer(self.folder / tokenizer["file"]) if tokenizer else None
         self.encoders: dict[str, object] = {}
@@ -217,6 +223,7 @@ class Session:
                 "prompt_tokens": len(ids),
                 "generated_tokens": len(generated),
                 "load_seconds": round(self.load_seconds, 3),
+                "weight_cache": getattr(self.engine.core, "weight_cache", "off"),
                 "time_to_first_token_seconds": round(prefill_s, 4),
                 "prefill_tokens_per_second": round(len(ids) / prefill_s, 2),
                 "decode_tokens_per_second": round((len(generated) - 1) / decode_s, 2) if len(generated) > 1 else None,

@@ -18,6 +18,14 @@ TINY_PREFILL = (8, 16)
 TINY_CACHE = 96
 
 
+@pytest.fixture(scope="session", autouse=True)
+def weight_cache_dir(tmp_path_factory) -> Path:
+    """g3n-run's XNNPACK weight caches go here, not to the user's ~/.cache."""
+    folder = tmp_path_factory.mktemp("weight_cache")
+    os.environ["G3N_CACHE_DIR"] = str(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_mm_checkpoint(tmp_path_factory) -> Path:
     """Gemma3nForConditionalGeneration (text + tiny vision and audio towers), save_pretrained."""

@@ -89,6 +89,25 @@ def test_compiled_engine_is_bit_identical_to_the_interpreter(tiny_bundle, tiny_i
         np.testing.assert_array_equal(fast.step(prompt[-1]), fresh.step(prompt[-1]))
 
 
+def test_weight_cache_is_built_once_and_gives_the_same_logits(tiny_int4_bundle, tmp_path):
+    """XNNPACK's packed weights go to a file named by the text core's sha256 on the first load and
+    are mapped on later loads; the logits are the same bit for bit with and without the cache."""
+    from runtime.engine import TextEngine
+
+    prompt = list(range(40, 60))
+    logits = {}
+    for label, cache_dir in (("none", None), ("built", tmp_path), ("loaded", tmp_path)):
+        engine = TextEngine(tiny_int4_bundle, weight_cache_dir=cache_dir)
+        assert engine.core.weight_cache == ("off" if cache_dir is None else label)
+        engine.feed(prompt[:-1])
+        logits[label] = engine.step(prompt[-1])
+    sha = json.loads((tiny_int4_bundle / "manifest.json").read_text())["bundles"]["text_core"]["sha256"]
+    (cache_file,) = tmp_path.iterdir()
+    assert cache_file.name == f"text_core-{sha[:16]}.xnnpack_cache" and cache_file.stat().st_size > 0
+    np.testing.assert_array_equal(logits["built"], logits["none"])
+    np.testing.assert_array_equal(logits["loaded"], logits["none"])
+
+
 def test_streaming_yields_the_reply(session):
     pieces = list(session.stream("Tell me a story", max_new_tokens=8))
     assert [p.token_id for p in pieces] == [t for t in session.last.token_ids if t not in session.tokenizer.stop_ids]

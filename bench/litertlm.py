@@ -1,0 +1,259 @@
+"""Run a g3n bundle folder through Google's LiteRT-LM engine, for side-by-side speed numbers.
+
+  python bench/litertlm.py pack BUNDLE OUT.litertlm
+  python bench/litertlm.py run OUT.litertlm --prompt-tokens 128 --new-tokens 32 --threads 2 --json
+
+`pack` puts the folder's text_core / embedder / ple .tflite files, its SentencePiece tokenizer and
+an LlmMetadata (start / stop tokens, context length, model type Gemma3n) into one .litertlm file
+with litert-lm-builder. `run` loads that file with LiteRT-LM's Python engine (litert-lm-api) on
+the CPU, prefills N tokens, decodes M, and reports LiteRT-LM's own timings.
+
+Needs only `litert-lm-api` and `litert-lm-builder` (tested with 0.18.1); it does not import torch
+or the g3n packages. Run it with the interpreter of the environment that has them.
+
+Caveats when comparing with g3n-run:
+  - LiteRT-LM keeps an XNNPACK weight cache next to the .litertlm (or under --cache-dir). The first
+    load packs the weights and writes it; later loads map it, so their load time is much shorter.
+    The output says which case a run was (`weight_cache_warm`).
+  - LiteRT-LM's CPU executor turns on XNNPACK's dynamic fully-connected quantization (int8
+    activations), so its logits are close to g3n-run's but not bit-identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import random
+import resource
+import shutil
+import string
+import struct
+import sys
+import tempfile
+from pathlib import Path
+
+TEXT_BUNDLES = ("text_core", "embedder", "ple")
+
+# LiteRT-LM's CPU executor looks tokens up one at a time through the FIRST signature of the
+# embedder and per-layer-embedder models (it passes no signature name), and requires that
+# signature's input to be a single int32 token. g3n exports the prefill_* signatures first, so
+# `pack` moves these single-token signatures to the front of a copy of each file.
+SINGLE_TOKEN_SIGNATURES = {"embedder": "decode_embedder", "ple": "decode_per_layer_embedder"}
+
+
+# --- .tflite signature order -------------------------------------------------------------------
+# A .tflite is a flatbuffer whose root table is tflite::Model; field 7 of Model is the vector of
+# SignatureDef tables, and field 2 of SignatureDef is its key. Each vector element is an unsigned
+# offset relative to the element's own position, so reordering the vector means rewriting those
+# offsets in place: the file keeps its size and every other byte.
+
+_MODEL_SIGNATURE_DEFS = 7
+_SIGNATURE_DEF_KEY = 2
+
+
+def _u32(buf, pos: int) -> int:
+    return struct.unpack_from("<I", buf, pos)[0]
+
+
+def _field(buf, table: int, index: int) -> int | None:
+    """Absolute position of field `index` of the table at `table`, or None when it is absent."""
+    vtable = table - struct.unpack_from("<i", buf, table)[0]
+    vtable_size = struct.unpack_from("<H", buf, vtable)[0]
+    if 4 + 2 * index >= vtable_size:
+        return None
+    offset = struct.unpack_from("<H", buf, vtable + 4 + 2 * index)[0]
+    return table + offset if offset else None
+
+
+def _signature_slots(buf) -> list[tuple[int, int, str]]:
+    """(vector slot position, SignatureDef table position, signature key) in file order."""
+    root = _u32(buf, 0)
+    field = _field(buf, root, _MODEL_SIGNATURE_DEFS)
+    if field is None:
+        return []
+    vector = field + _u32(buf, field)
+    slots = []
+    for i in range(_u32(buf, vector)):
+        slot = vector + 4 + 4 * i
+        table = slot + _u32(buf, slot)
+        key_field = _field(buf, table, _SIGNATURE_DEF_KEY)
+        key_pos = key_field + _u32(buf, key_field)
+        key = bytes(buf[key_pos + 4 : key_pos + 4 + _u32(buf, key_pos)]).decode()
+        slots.append((slot, table, key))
+    return slots
+
+
+def signature_keys(path: Path) -> list[str]:
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        return [key for _, _, key in _signature_slots(buf)]
+
+
+def move_signature_first(path: Path, key: str) -> None:
+    """Rewrite `path` in place so that signature `key` comes first (the others keep their order)."""
+    with open(path, "r+b") as f, mmap.mmap(f.fileno(), 0) as buf:
+        slots = _signature_slots(buf)
+        if key not in [k for _, _, k in slots]:
+            raise ValueError(f"{path} has no signature {key!r} (it has {[k for _, _, k in slots]})")
+        tables = [t for _, t, k in slots if k == key] + [t for _, t, k in slots if k != key]
+        for (slot, _, _), table in zip(slots, tables):
+            struct.pack_into("<I", buf, slot, table - slot)
+        buf.flush()
+
+
+# --- pack ---------------------------------------------------------------------------------------
+
+
+def llm_metadata(manifest: dict):
+    from litert_lm_builder.runtime.proto import llm_metadata_pb2
+
+    config = manifest["config"]
+    metadata = llm_metadata_pb2.LlmMetadata()
+    metadata.start_token.token_ids.ids.append(config["bos_token_id"])
+    for token in config["eos_token_ids"]:
+        metadata.stop_tokens.add().token_ids.ids.append(token)
+    metadata.max_num_tokens = int(manifest["cache_length"])  # the text core's static KV cache
+    metadata.llm_model_type.gemma3n.SetInParent()
+    # The builder refuses an LLM without these two flags.
+    metadata.supports_thinking = False
+    metadata.supports_function_calling = False
+    return metadata
+
+
+def pack(bundle_dir, out_file) -> Path:
+    """Build `out_file` (.litertlm) from the g3n bundle folder `bundle_dir`; returns its path."""
+    from litert_lm_builder import litertlm_builder as lb
+
+    bundle_dir, out_file = Path(bundle_dir), Path(out_file)
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    files = {}
+    for name in TEXT_BUNDLES:
+        entry = manifest["bundles"].get(name)
+        if entry is None:
+            raise SystemExit(f"{bundle_dir} has no {name} bundle in its manifest")
+        files[name] = bundle_dir / entry["file"]
+    tokenizer = manifest.get("files", {}).get("tokenizer")
+    if tokenizer is None:
+        raise SystemExit(f"{bundle_dir} has no tokenizer in its manifest")
+
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    # Scratch copies live next to the output (same file system, which may be the only one with
+    # room for a real-size PLE file) and go away with the directory.
+    with tempfile.TemporaryDirectory(prefix=".litertlm-", dir=out_file.parent) as tmp:
+        tmp = Path(tmp)
+        for name, key in SINGLE_TOKEN_SIGNATURES.items():
+            if signature_keys(files[name])[:1] != [key]:
+                copy = tmp / files[name].name
+                shutil.copyfile(files[name], copy)
+                move_signature_first(copy, key)
+                files[name] = copy
+        metadata_path = tmp / "llm_metadata.pb"
+        metadata_path.write_bytes(llm_metadata(manifest).SerializeToString())
+
+        builder = lb.LitertLmFileBuilder()
+        builder.add_system_metadata(lb.Metadata("Authors", "g3n-convert", lb.DType.STRING))
+        builder.add_system_metadata(lb.Metadata("g3n_variant", str(manifest.get("variant", "")), lb.DType.STRING))
+        builder.add_tflite_model(str(files["text_core"]), lb.TfLiteModelType.PREFILL_DECODE)
+        builder.add_tflite_model(str(files["embedder"]), lb.TfLiteModelType.EMBEDDER)
+        builder.add_tflite_model(str(files["ple"]), lb.TfLiteModelType.PER_LAYER_EMBEDDER)
+        builder.add_sentencepiece_tokenizer(str(bundle_dir / tokenizer["file"]))
+        builder.add_llm_metadata(str(metadata_path))
+        partial = tmp / out_file.name
+        with open(partial, "wb") as f:  # the builder seeks back to write the header last
+            builder.build(f, validate_metadata=True)
+        partial.replace(out_file)
+    return out_file
+
+
+# --- run ----------------------------------------------------------------------------------------
+
+
+def prompt_text(tokens: int) -> str:
+    """Deterministic gibberish long enough for `tokens` tokens with any tokenizer. LiteRT-LM's
+    benchmark truncates the tokenized prompt to the requested length (and pads a short one with
+    token 0); varied text keeps the per-layer-embedding lookups touching many table rows, as
+    g3n's benchmark does with random token ids."""
+    rng = random.Random(0)
+    words = ("".join(rng.choices(string.ascii_lowercase, k=rng.randint(2, 9))) for _ in range(tokens * 2))
+    return " ".join(words)
+
+
+def _weight_cache_warm(litertlm_file: Path, cache_dir: str | None) -> bool:
+    """Whether LiteRT-LM will find a weight cache for this exact file: it names the cache
+    `<file name>_<mtime>_<size>.xnnpack_cache` and replaces a stale one (e.g. after a re-pack)."""
+    folder = litertlm_file.parent if not cache_dir else Path(cache_dir)
+    stat = litertlm_file.stat()
+    return (folder / f"{litertlm_file.name}_{int(stat.st_mtime)}_{stat.st_size}.xnnpack_cache").is_file()
+
+
+def run(litertlm_file, prompt_tokens: int, new_tokens: int, threads: int, cache_dir: str | None = None) -> dict:
+    """Load `litertlm_file` with LiteRT-LM on the CPU, prefill `prompt_tokens`, decode `new_tokens`.
+
+    Returns {load_s, ttft_s, prefill_tok_s, decode_tok_s} as LiteRT-LM measures them (load_s is
+    its engine + session initialisation), plus the token counts it actually ran, whether the
+    XNNPACK weight cache already existed, and this process's peak RSS."""
+    import litert_lm
+
+    litertlm_file = Path(litertlm_file)
+    if not litertlm_file.is_file():
+        raise SystemExit(f"{litertlm_file} does not exist")
+    warm = _weight_cache_warm(litertlm_file, cache_dir)
+    litert_lm.set_min_log_severity(litert_lm.LogSeverity.ERROR)
+    info = litert_lm.Benchmark(
+        model_path=str(litertlm_file),
+        backend=litert_lm.Backend.CPU(thread_count=threads),
+        prefill_tokens=prompt_tokens,
+        decode_tokens=new_tokens,
+        cache_dir=cache_dir,
+        prompt=prompt_text(prompt_tokens),
+    ).run()
+    # Benchmark.run() does not raise when generation fails part way (LiteRT-LM logs the reason,
+    # e.g. a sampled id the tokenizer cannot detokenize); it reports no decode turn instead.
+    if info.last_decode_token_count == 0:
+        raise RuntimeError(f"LiteRT-LM decoded no token from {litertlm_file}; its error is logged above")
+    return {
+        "load_s": round(info.init_time_in_second, 3),
+        "ttft_s": round(info.time_to_first_token_in_second, 4),
+        "prefill_tok_s": round(info.last_prefill_tokens_per_second, 2),
+        "decode_tok_s": round(info.last_decode_tokens_per_second, 2),
+        "prefill_tokens": info.last_prefill_token_count,
+        "decode_tokens": info.last_decode_token_count,
+        "threads": threads,
+        "weight_cache_warm": warm,
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # Linux: KiB
+    }
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("pack", help="build a .litertlm from a g3n bundle folder")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("out", type=Path)
+    r = commands.add_parser("run", help="benchmark a .litertlm with LiteRT-LM's CPU engine")
+    r.add_argument("litertlm", type=Path)
+    r.add_argument("--prompt-tokens", type=int, default=128)
+    r.add_argument("--new-tokens", type=int, default=32)
+    r.add_argument("--threads", type=int, default=2)
+    r.add_argument("--cache-dir", default=None,
+                   help="where LiteRT-LM keeps its XNNPACK weight cache (default: next to the file; ':nocache' for none)")
+    r.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+
+    if args.command == "pack":
+        out = pack(args.bundle, args.out)
+        print(f"{out} ({out.stat().st_size / 2**20:,.1f} MiB)")
+        return
+    stats = run(args.litertlm, args.prompt_tokens, args.new_tokens, args.threads, args.cache_dir)
+    if args.json:
+        print(json.dumps(stats))
+    else:
+        print(f"load {stats['load_s']:.2f}s (weight cache {'warm' if stats['weight_cache_warm'] else 'cold'}) | "
+              f"{stats['prefill_tokens']} prompt tokens, time to first token {stats['ttft_s']:.3f}s, "
+              f"prefill {stats['prefill_tok_s']:.1f} tok/s | {stats['decode_tokens']} decoded, "
+              f"decode {stats['decode_tok_s']:.2f} tok/s | peak RSS {stats['peak_rss_mib']:.0f} MiB")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

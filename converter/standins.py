@@ -1,0 +1,85 @@
+"""Stand-in weights: convert a bundle's graph without holding its weights in memory.
+
+litert-torch holds every weight of a module while it converts (E2B's text core is 9.6 GB in
+float32, E4B's 17.8 GB), and the graph it produces does not depend on the weights' values. So each
+big weight is converted as a *stand-in*:
+
+  * a linear layer's weight becomes a view, at its own offset, into one shared random pool (the
+    size of the largest such weight), so all of them together cost one pool of memory;
+  * an embedding table keeps only a few rows: a lookup's output does not depend on the row count.
+
+Every stand-in is recognised in the converted flatbuffer by its first 16 bytes, which are unique
+within the pool. The bundle writer (quant/streaming.py) then streams the real weights, float or
+quantized, from the weight source into the stand-ins' places, a slice of rows at a time.
+Small weights (norms, AltUp's coefficient layers) are loaded for real and converted as they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from converter.errors import ExportError
+
+MIN_STANDIN_ELEMENTS = 1 << 16  # smaller weights are converted with their real values
+TABLE_STANDIN_ROWS = 16
+KEY_BYTES = 16  # four float32 values of the pool: unique per offset, with overwhelming probability
+PROBE_VALUES = 1024  # stand-in values kept to recover a scale the converter folded into a weight
+
+
+@dataclass(frozen=True, eq=False)
+class StandIn:
+    name: str  # the weight's name in the weight source ("decoder.layers.0.mlp.up_proj.weight")
+    shape: tuple[int, int]  # its real shape
+    standin_shape: tuple[int, int]  # the shape it was converted with (fewer rows for a table)
+    probe: np.ndarray  # its first PROBE_VALUES values
+
+    @property
+    def key(self) -> bytes:
+        return self.probe[: KEY_BYTES // 4].tobytes()
+
+
+def materialize_with_standins(
+    module: nn.Module, prefix: str, source, min_elements: int = MIN_STANDIN_ELEMENTS
+) -> tuple[nn.Module, dict[bytes, StandIn]]:
+    """Fill a meta-device module: weights with at least `min_elements` get stand-ins, the rest
+    their real values from `source`. Returns the module and its stand-ins by key."""
+    tables = {id(m.weight) for m in module.modules() if isinstance(m, nn.Embedding)}
+    linears = {id(m.weight) for m in module.modules() if isinstance(m, nn.Linear)}
+    params = list(module.named_parameters())
+    chosen = [
+        (name, p)
+        for name, p in params
+        if p.dim() == 2 and p.numel() >= min_elements and (id(p) in tables or id(p) in linears)
+    ]
+    standin_shapes = {
+        name: (min(TABLE_STANDIN_ROWS, p.shape[0]), p.shape[1]) if id(p) in tables else tuple(p.shape)
+        for name, p in chosen
+    }
+    pool_size = max((int(np.prod(s)) for s in standin_shapes.values()), default=0) + len(chosen)
+    # Random, so no two offsets share a key; float32, the dtype every weight is converted in.
+    pool = torch.rand(pool_size, generator=torch.Generator().manual_seed(0)) - 0.5
+
+    state, standins = {}, {}
+    for offset, (name, p) in enumerate(chosen):
+        shape = standin_shapes[name]
+        view = pool[offset:offset + int(np.prod(shape))].view(shape)
+        standin = StandIn(f"{prefix}{name}", tuple(p.shape), shape, view.reshape(-1)[:PROBE_VALUES].numpy().copy())
+        if standin.key in standins:  # four equal random floats; refuse rather than mix weights up
+            raise ExportError(f"stand-in keys of {standins[standin.key].name} and {standin.name} collide")
+        standins[standin.key] = standin
+        state[name] = view
+    for name, _ in params:
+        if name not in state:
+            state[name] = source.tensor(f"{prefix}{name}")
+    # Assigned one by one rather than through load_state_dict, which refuses a table's fewer rows.
+    for name, value in state.items():
+        owner, _, attr = name.rpartition(".")
+        setattr(module.get_submodule(owner), attr, nn.Parameter(value, requires_grad=False))
+    for sub in module.modules():
+        if hasattr(sub, "init_buffers"):
+            sub.init_buffers()
+    return module.eval(), standins

@@ -1,0 +1,158 @@
+"""Stand-in conversion and the streaming bundle writer, against the real-weight conversion and
+ai-edge-quantizer: every bundle, float / int8 / int4, must give identical outputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from ai_edge_litert.interpreter import Interpreter
+
+from converter.checkpoint import RandomWeights, SafetensorsCheckpoint, expected_shapes
+from converter.config import load_hf_config, variant_config
+from converter.errors import ExportError
+from converter.export import build_module, convert_to_tflite, text_bundle_plans
+from converter.standins import StandIn, materialize_with_standins
+from quant.recipes import plan_quantization, quantize_file
+from quant.streaming import folded_scale, write_bundle
+from tests.conftest import TINY_CACHE, TINY_PREFILL
+
+BUNDLES = ("embedder", "ple", "text_core")
+
+
+@pytest.fixture(scope="module")
+def standin_conversions(tiny_mm_checkpoint, tmp_path_factory):
+    """The tiny bundles converted with every linear layer and table as a stand-in (the default
+    threshold leaves the tiny model's weights real): bundle -> (converted file, stand-ins, plan)."""
+    _, cfg = load_hf_config(tiny_mm_checkpoint)
+    source = SafetensorsCheckpoint(tiny_mm_checkpoint, cfg, expected_shapes(cfg))
+    folder = tmp_path_factory.mktemp("standins")
+    converted = {}
+    for plan in text_bundle_plans(cfg, TINY_PREFILL, TINY_CACHE):
+        module, standins = materialize_with_standins(build_module(plan, cfg), plan.weights_prefix, source, min_elements=0)
+        convert_to_tflite(plan, module, folder / plan.file)
+        converted[plan.name] = (folder / plan.file, standins, module)
+    return converted, source
+
+
+def signature_outputs(path) -> dict:
+    """Every signature's outputs on fixed inputs (token ids in the vocabulary, random floats)."""
+    interpreter = Interpreter(model_path=str(path))
+    results = {}
+    for name in interpreter.get_signature_list():
+        runner = interpreter.get_signature_runner(name)
+        rng = np.random.default_rng(0)
+        feeds = {}
+        for key, detail in runner.get_input_details().items():
+            shape = detail["shape"]
+            if key == "token_ids":
+                feeds[key] = rng.integers(0, 400, shape).astype(np.int32)
+            elif key == "input_pos":
+                feeds[key] = np.arange(shape[0], dtype=np.int32)
+            elif key == "mask":
+                feeds[key] = np.zeros(shape, np.float32)
+            else:
+                feeds[key] = rng.standard_normal(shape).astype(np.float32)
+        results[name] = runner(**feeds)
+    return results
+
+
+def assert_same_outputs(a, b):
+    outputs_a, outputs_b = signature_outputs(a), signature_outputs(b)
+    assert outputs_a.keys() == outputs_b.keys()
+    for signature in outputs_a:
+        for key in outputs_a[signature]:
+            np.testing.assert_array_equal(outputs_a[signature][key], outputs_b[signature][key], err_msg=f"{signature}/{key}")
+
+
+def test_standins_cover_every_linear_and_table(standin_conversions):
+    converted, _ = standin_conversions
+    _, standins, _ = converted["text_core"]
+    names = {s.name for s in standins.values()}
+    assert "decoder.lm_head.weight" in names and "decoder.layers.0.mlp.up_proj.weight" in names
+    _, ple_standins, _ = converted["ple"]
+    (table,) = ple_standins.values()
+    assert table.standin_shape[0] < table.shape[0]  # converted with a few rows, written in full
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_standin_float_bundle_equals_real_weight_conversion(standin_conversions, tiny_bundle, tmp_path, bundle):
+    """Filling the stand-ins gives the same model as converting the real weights, bit for bit:
+    including the lm_head, router and per-layer projection, whose scales the converter folds in."""
+    converted, source = standin_conversions
+    path, standins, module = converted[bundle]
+    out = tmp_path / f"{bundle}.tflite"
+    write_bundle(path, out, plan_quantization(bundle, "none", 32, None), standins, source)
+    assert_same_outputs(out, tiny_bundle / f"{bundle}.tflite")
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_streamed_quantization_equals_ai_edge_quantizer(standin_conversions, tiny_bundle, tmp_path, monkeypatch, bundle, scheme):
+    """The writer's int8 / int4 against ai-edge-quantizer's own pass over the float bundle:
+    identical outputs on every signature, and the same file size up to flatbuffer layout."""
+    import quant.streaming
+
+    monkeypatch.setattr(quant.streaming, "CHUNK_BYTES", 4096)  # several rows per chunk, many chunks
+    converted, source = standin_conversions
+    path, standins, module = converted[bundle]
+    plan = plan_quantization(bundle, scheme, 32, module)
+    streamed, reference = tmp_path / "streamed.tflite", tmp_path / "aeq.tflite"
+    write_bundle(path, streamed, plan, standins, source)
+    quantize_file(tiny_bundle / f"{bundle}.tflite", reference, plan)
+    assert_same_outputs(streamed, reference)
+    assert abs(streamed.stat().st_size - reference.stat().st_size) < 0.01 * reference.stat().st_size
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_streamed_table_lookups_equal_ai_edge_quantizer_for_every_row(tiny_bundle, tmp_path, scheme):
+    """A float file quantized by the writer (no stand-ins): every row of the PLE table."""
+    import torch
+
+    from converter.config import tiny_config
+    from converter.model import PerLayerEmbedder
+
+    with torch.device("meta"):
+        plan = plan_quantization("ple", scheme, 32, PerLayerEmbedder(tiny_config()))
+    reference, streamed = tmp_path / "aeq.tflite", tmp_path / "streamed.tflite"
+    quantize_file(tiny_bundle / "ple.tflite", reference, plan)
+    write_bundle(tiny_bundle / "ple.tflite", streamed, plan)
+
+    def lookups(path):
+        run = Interpreter(model_path=str(path)).get_signature_runner("decode_per_layer_embedder")
+        return np.stack([run(token_ids=np.array([[i]], np.int32))["embeddings"] for i in range(tiny_config().vocab_size_per_layer_input)])
+
+    np.testing.assert_array_equal(lookups(streamed), lookups(reference))
+
+
+def test_folded_scale_is_recovered_exactly():
+    rng = np.random.default_rng(1)
+    standin = rng.uniform(-0.5, 0.5, 1024).astype(np.float32)
+    for c in (np.float32(1 / 30), np.float32(2048**-0.5), np.float32(-0.125)):
+        recovered = folded_scale(standin * c, standin)
+        assert recovered is not None and np.array_equal(standin * recovered, standin * c)
+    assert folded_scale(rng.permutation(standin), standin) is None  # not a scaled copy
+
+
+def test_a_weight_the_writer_cannot_place_is_an_error(standin_conversions, tmp_path):
+    converted, source = standin_conversions
+    path, standins, _ = converted["ple"]
+    ghost = StandIn("ple.ghost.weight", (4, 4), (4, 4), np.full(16, 7.0, np.float32))
+    with pytest.raises(ExportError, match="ple.ghost.weight"):
+        write_bundle(path, tmp_path / "x.tflite", plan_quantization("ple", "none", 32, None), {**standins, ghost.key: ghost}, source)
+
+
+def test_weight_sources_read_row_slices(tiny_mm_checkpoint):
+    """A big table is read a slice at a time: slices equal the whole tensor's rows, across the
+    random source's generator blocks, and the random lm_head is tied to embed_tokens."""
+    cfg = variant_config("tiny")
+    shapes = expected_shapes(cfg)
+    random = RandomWeights(cfg, 3, shapes)
+    random.BLOCK_ELEMENTS = 1000  # many blocks
+    name = "ple.embed_tokens_per_layer.weight"
+    whole = random.tensor(name).numpy()
+    assert whole.shape == shapes[name]
+    np.testing.assert_array_equal(random.read_rows(name, 5, 37), whole[5:37])
+    np.testing.assert_array_equal(random.tensor("decoder.lm_head.weight"), random.tensor("embedder.embed_tokens.weight"))
+    _, real_cfg = load_hf_config(tiny_mm_checkpoint)
+    checkpoint = SafetensorsCheckpoint(tiny_mm_checkpoint, real_cfg, expected_shapes(real_cfg))
+    np.testing.assert_array_equal(checkpoint.read_rows(name, 10, 20), checkpoint.tensor(name)[10:20].numpy())
