@@ -34,7 +34,15 @@ artifacts: setup
 	$(BIN)/python -m converter.tiny_checkpoint artifacts/tiny-checkpoint
 	$(BIN)/g3n-convert --checkpoint artifacts/tiny-checkpoint --out artifacts/tiny --prefill-lengths 8,32 --cache-length 256
 
-bench: setup
+# LiteRT-LM (for the side-by-side numbers) lives in its own environment.
+LITERTLM_VENV := .venv-litertlm
+
+$(LITERTLM_VENV)/.installed: bench/litertlm-requirements.txt
+	$(PYTHON) -m venv $(LITERTLM_VENV)
+	$(LITERTLM_VENV)/bin/pip install --quiet -r bench/litertlm-requirements.txt
+	touch $@
+
+bench: setup $(LITERTLM_VENV)/.installed
 	$(BIN)/pip install --quiet -e ".[dev,bench]"
 	$(BIN)/python bench/run.py --out docs/BENCHMARKS.md
 

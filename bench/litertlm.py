@@ -23,12 +23,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import mmap
 import random
 import resource
-import shutil
 import string
-import struct
 import sys
 import tempfile
 from pathlib import Path
@@ -36,69 +33,9 @@ from pathlib import Path
 TEXT_BUNDLES = ("text_core", "embedder", "ple")
 
 # LiteRT-LM's CPU executor looks tokens up one at a time through the FIRST signature of the
-# embedder and per-layer-embedder models (it passes no signature name), and requires that
-# signature's input to be a single int32 token. g3n exports the prefill_* signatures first, so
-# `pack` moves these single-token signatures to the front of a copy of each file.
+# embedder and per-layer-embedder models (it passes no signature name); g3n exports these
+# single-token signatures first.
 SINGLE_TOKEN_SIGNATURES = {"embedder": "decode_embedder", "ple": "decode_per_layer_embedder"}
-
-
-# --- .tflite signature order -------------------------------------------------------------------
-# A .tflite is a flatbuffer whose root table is tflite::Model; field 7 of Model is the vector of
-# SignatureDef tables, and field 2 of SignatureDef is its key. Each vector element is an unsigned
-# offset relative to the element's own position, so reordering the vector means rewriting those
-# offsets in place: the file keeps its size and every other byte.
-
-_MODEL_SIGNATURE_DEFS = 7
-_SIGNATURE_DEF_KEY = 2
-
-
-def _u32(buf, pos: int) -> int:
-    return struct.unpack_from("<I", buf, pos)[0]
-
-
-def _field(buf, table: int, index: int) -> int | None:
-    """Absolute position of field `index` of the table at `table`, or None when it is absent."""
-    vtable = table - struct.unpack_from("<i", buf, table)[0]
-    vtable_size = struct.unpack_from("<H", buf, vtable)[0]
-    if 4 + 2 * index >= vtable_size:
-        return None
-    offset = struct.unpack_from("<H", buf, vtable + 4 + 2 * index)[0]
-    return table + offset if offset else None
-
-
-def _signature_slots(buf) -> list[tuple[int, int, str]]:
-    """(vector slot position, SignatureDef table position, signature key) in file order."""
-    root = _u32(buf, 0)
-    field = _field(buf, root, _MODEL_SIGNATURE_DEFS)
-    if field is None:
-        return []
-    vector = field + _u32(buf, field)
-    slots = []
-    for i in range(_u32(buf, vector)):
-        slot = vector + 4 + 4 * i
-        table = slot + _u32(buf, slot)
-        key_field = _field(buf, table, _SIGNATURE_DEF_KEY)
-        key_pos = key_field + _u32(buf, key_field)
-        key = bytes(buf[key_pos + 4 : key_pos + 4 + _u32(buf, key_pos)]).decode()
-        slots.append((slot, table, key))
-    return slots
-
-
-def signature_keys(path: Path) -> list[str]:
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        return [key for _, _, key in _signature_slots(buf)]
-
-
-def move_signature_first(path: Path, key: str) -> None:
-    """Rewrite `path` in place so that signature `key` comes first (the others keep their order)."""
-    with open(path, "r+b") as f, mmap.mmap(f.fileno(), 0) as buf:
-        slots = _signature_slots(buf)
-        if key not in [k for _, _, k in slots]:
-            raise ValueError(f"{path} has no signature {key!r} (it has {[k for _, _, k in slots]})")
-        tables = [t for _, t, k in slots if k == key] + [t for _, t, k in slots if k != key]
-        for (slot, _, _), table in zip(slots, tables):
-            struct.pack_into("<I", buf, slot, table - slot)
-        buf.flush()
 
 
 # --- pack ---------------------------------------------------------------------------------------
@@ -136,17 +73,14 @@ def pack(bundle_dir, out_file) -> Path:
     if tokenizer is None:
         raise SystemExit(f"{bundle_dir} has no tokenizer in its manifest")
 
+    for name, key in SINGLE_TOKEN_SIGNATURES.items():
+        first = next(iter(manifest["bundles"][name]["signatures"]))
+        if first != key:
+            raise SystemExit(f"{files[name]} starts with signature {first}, LiteRT-LM needs {key} first: convert it again")
+
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    # Scratch copies live next to the output (same file system, which may be the only one with
-    # room for a real-size PLE file) and go away with the directory.
     with tempfile.TemporaryDirectory(prefix=".litertlm-", dir=out_file.parent) as tmp:
         tmp = Path(tmp)
-        for name, key in SINGLE_TOKEN_SIGNATURES.items():
-            if signature_keys(files[name])[:1] != [key]:
-                copy = tmp / files[name].name
-                shutil.copyfile(files[name], copy)
-                move_signature_first(copy, key)
-                files[name] = copy
         metadata_path = tmp / "llm_metadata.pb"
         metadata_path.write_bytes(llm_metadata(manifest).SerializeToString())
 

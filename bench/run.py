@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -20,6 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 CONVERT = [sys.executable, "-m", "converter.cli"]
 
 # (label, g3n-convert arguments, bundles): one process per bundle, so each peak belongs to one
@@ -27,7 +29,8 @@ CONVERT = [sys.executable, "-m", "converter.cli"]
 CASES = [
     ("tiny (checkpoint)", ["--prefill-lengths", "8,32", "--cache-length", "256"], ["embedder", "ple", "text_core"]),
     ("e2b int4 (random weights)", ["--variant", "e2b", "--random-weights", "--quant", "int4", "--no-quality-report",
-                                   "--prefill-lengths", "128,512", "--cache-length", "1280"], ["embedder", "ple", "text_core"]),
+                                   "--prefill-lengths", "128,512", "--cache-length", "1280", "--tokenizer", "<e2b tokenizer>"],
+     ["embedder", "ple", "text_core"]),
 ]
 # The main command as a user runs it: every bundle in one process, quality report included.
 WHOLE_CASES = [
@@ -35,12 +38,17 @@ WHOLE_CASES = [
     ("e4b int4", ["--variant", "e4b", "--random-weights", "--quant", "int4"]),
 ]
 MEMORY_TARGET = 16 * 2**30  # conversion peak RSS target on this 24 GiB machine
-# g3n-run measurements: (case label, prompt lengths, backends). 32 tokens are generated each time.
+# Generation measurements: (case label, prompt lengths, engines), 32 new tokens each time.
+# `compiled` is g3n-run; `litert-lm` is the same folder packed as .litertlm and run by LiteRT-LM's
+# Python engine; `interpreter` is g3n's whole-cache-through-Python loop. Engines with an XNNPACK
+# weight cache get one extra first run that builds it (the "cold" row).
 RUN_CASES = [
     ("tiny (checkpoint)", [64, 200], ["compiled", "interpreter"]),
-    ("e2b int4 (random weights)", [128, 512, 1024], ["compiled"]),
+    ("e2b int4 (random weights)", [128, 512, 1024], ["compiled", "litert-lm"]),
     ("e2b int4 (random weights)", [128], ["interpreter"]),
 ]
+CACHED_ENGINES = ("compiled", "litert-lm")
+LITERTLM_PYTHON = ROOT / ".venv-litertlm" / "bin" / "python"
 NEW_TOKENS = 32
 INT4_IDEAL_BITS = 4 + 16 / 32  # 4-bit weights plus one fp16 scale per block of 32
 
@@ -166,9 +174,10 @@ def plot_runtime(runs: list, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     series: dict[str, list] = {}
-    for label, backend, n, r in runs:
-        if "error" not in r and not label.startswith("tiny"):
-            series.setdefault(f"{label.split(' (')[0]} {backend}", []).append((n, r))
+    for label, engine, n, r in runs:
+        if "error" not in r and not label.startswith("tiny") and r.get("weight_cache") != "built":
+            name = {"compiled": "g3n-run", "litert-lm": "LiteRT-LM"}.get(engine, f"g3n {engine}")
+            series.setdefault(f"{label.split(' (')[0]} {name}", []).append((n, r))
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.4))
     for name, points in series.items():
         points.sort()
@@ -184,35 +193,100 @@ def plot_runtime(runs: list, path: Path) -> None:
     plt.close(fig)
 
 
-def run_generation(folder: Path, prompt_tokens: int, backend: str) -> dict:
+def full_vocab_tokenizer(path: Path, vocab_size: int) -> Path:
+    """The tiny test tokenizer padded with unused pieces to the model's vocabulary, so that
+    LiteRT-LM can detokenize any id a random-weight model samples."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    from converter.tiny_checkpoint import train_tokenizer
+
+    train_tokenizer(path)
+    model = pb.ModelProto()
+    model.ParseFromString(path.read_bytes())
+    for i in range(len(model.pieces), vocab_size):
+        model.pieces.add(piece=f"<unused{i}>", score=0.0, type=pb.ModelProto.SentencePiece.UNUSED)
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def run_generation(folder: Path, prompt_tokens: int, engine: str, scratch: Path) -> dict:
+    if engine == "litert-lm":
+        packed = scratch / f"{folder.name}.litertlm"
+        if not packed.exists():
+            subprocess.run([str(LITERTLM_PYTHON), str(ROOT / "bench" / "litertlm.py"), "pack", str(folder), str(packed)],
+                           cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        cache_dir = scratch / "litertlm-cache"
+        cache_dir.mkdir(exist_ok=True)
+        stdout, result = measured_run([str(LITERTLM_PYTHON), str(ROOT / "bench" / "litertlm.py"), "run", str(packed),
+                                       "--prompt-tokens", str(prompt_tokens), "--new-tokens", str(NEW_TOKENS),
+                                       "--threads", "2", "--cache-dir", str(cache_dir), "--json"])
+        if "error" in result:
+            return result
+        lm = json.loads(stdout.strip().splitlines()[-1])
+        return {"load_seconds": lm["load_s"], "time_to_first_token_seconds": lm["ttft_s"],
+                "prefill_tokens_per_second": lm["prefill_tok_s"], "decode_tokens_per_second": lm["decode_tok_s"],
+                "weight_cache": "loaded" if lm["weight_cache_warm"] else "built", "peak_rss": result["peak_rss"]}
     stdout, result = measured_run([sys.executable, str(ROOT / "bench" / "runtime_case.py"), str(folder),
-                                   "--prompt-tokens", str(prompt_tokens), "--new-tokens", str(NEW_TOKENS), "--backend", backend])
+                                   "--prompt-tokens", str(prompt_tokens), "--new-tokens", str(NEW_TOKENS), "--backend", engine])
     if "error" in result:
         return result
     return {**json.loads(stdout.strip().splitlines()[-1]), "peak_rss": result["peak_rss"]}
 
 
-def runtime_table(results: list) -> list[str]:
+def text_weights_and_cache(folder: Path) -> int:
+    """Bytes of the text bundles plus the KV cache: what a text-only session must hold."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    inputs = manifest["bundles"]["text_core"]["signatures"]["decode"]["inputs"]
+    kv = sum(4 * math.prod(spec["shape"]) for name, spec in inputs.items() if name.startswith("kv_cache_"))
+    return kv + sum(manifest["bundles"][b]["bytes"] for b in ("text_core", "embedder", "ple"))
+
+
+def runtime_table(results: list, budgets: dict[str, int]) -> list[str]:
     lines = [
-        "## g3n-run: load, time to first token, prefill and decode speed, peak RSS",
+        "## g3n-run and LiteRT-LM: load, time to first token, prefill and decode speed, peak RSS",
         "",
-        f"Each row is one process (bench/runtime_case.py): load the folder, prefill a prompt of random token ids, "
-        f"decode {NEW_TOKENS} tokens greedily, 2 threads. `compiled` is g3n-run's loop (CompiledModel, KV cache "
-        "updated in place); `interpreter` passes the whole cache through Python each call (for comparison). "
-        "Text bundles only: no encoder is loaded for a text prompt.",
+        f"Each row is one process: load the folder, prefill a prompt of random token ids, decode {NEW_TOKENS} tokens "
+        "greedily, 2 threads. `compiled` is g3n-run (bench/runtime_case.py: CompiledModel, KV cache updated in "
+        "place); `litert-lm` is the same folder packed as .litertlm (bench/litertlm.py) and run by LiteRT-LM's "
+        "Python engine (litert-lm-api 0.18.1, its own Benchmark timings); `interpreter` passes the whole cache "
+        "through Python each call (for comparison). Both g3n-run and LiteRT-LM keep XNNPACK's packed weights in a "
+        "cache file: the first load builds it (`built`), later loads map it (`loaded`). Text bundles only: no encoder "
+        "bundle exists yet, so none is loaded. RSS / budget: peak RSS over (text bundle bytes + KV cache).",
         "",
-        "| bundle | backend | prompt tokens | load | time to first token | prefill tok/s | decode tok/s | ms/token | peak RSS |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| bundle | engine | prompt tokens | weight cache | load | time to first token | prefill tok/s | decode tok/s | ms/token | peak RSS | RSS / budget |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for label, backend, n, r in results:
+    for label, engine, n, r in results:
         if "error" in r:
-            lines.append(f"| {label} | {backend} | {n} | failed: {r['error']} | | | | | |")
+            lines.append(f"| {label} | {engine} | {n} | | failed: {r['error']} | | | | | | |")
             continue
         rate = r["decode_tokens_per_second"]
+        budget = budgets.get(label)
+        ratio = f"{r['peak_rss'] / budget:.2f}" if budget and not label.startswith("tiny") else ""
         lines.append(
-            f"| {label} | {backend} | {n} | {r['load_seconds']:.2f} s | {r['time_to_first_token_seconds']:.3f} s | "
-            f"{r['prefill_tokens_per_second']:.1f} | {rate:.2f} | {1000 / rate:.1f} | {r['peak_rss'] / 2**20:,.0f} MiB |"
+            f"| {label} | {engine} | {n} | {r.get('weight_cache', 'off')} | {r['load_seconds']:.2f} s | "
+            f"{r['time_to_first_token_seconds']:.3f} s | {r['prefill_tokens_per_second']:.1f} | {rate:.2f} | "
+            f"{1000 / rate:.1f} | {r['peak_rss'] / 2**20:,.0f} MiB | {ratio} |"
         )
+    warm = {(label, engine, n): r for label, engine, n, r in results if "error" not in r and r.get("weight_cache") != "built"}
+    pairs = [(label, n, warm[(label, "compiled", n)], warm[(label, "litert-lm", n)])
+             for label, engine, n, _ in results if engine == "compiled"
+             and (label, "compiled", n) in warm and (label, "litert-lm", n) in warm]
+    if pairs:
+        lines += [
+            "",
+            "g3n-run against LiteRT-LM on the same model, machine and run (warm weight caches; above 1.00 g3n-run is faster):",
+            "",
+            "| bundle | prompt tokens | prefill ratio | decode ratio | time to first token ratio | peak RSS ratio |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for label, n, g, lm in pairs:
+            lines.append(
+                f"| {label} | {n} | {g['prefill_tokens_per_second'] / lm['prefill_tokens_per_second']:.2f} | "
+                f"{g['decode_tokens_per_second'] / lm['decode_tokens_per_second']:.2f} | "
+                f"{lm['time_to_first_token_seconds'] / g['time_to_first_token_seconds']:.2f} | "
+                f"{g['peak_rss'] / lm['peak_rss']:.2f} |"
+            )
     return lines + [""]
 
 
@@ -260,6 +334,11 @@ def main() -> None:
                 continue
             if label.startswith("tiny"):
                 case_args = ["--checkpoint", str(tmp / "tiny"), *case_args]
+            if "<e2b tokenizer>" in case_args:
+                from converter.config import variant_config
+
+                tokenizer = full_vocab_tokenizer(tmp / "e2b-tokenizer.model", variant_config("e2b").vocab_size)
+                case_args = [str(tokenizer) if a == "<e2b tokenizer>" else a for a in case_args]
             parts = []
             for bundle in bundles:
                 print(f"converting {label} {bundle} ...", flush=True)
@@ -276,14 +355,20 @@ def main() -> None:
             whole.append((label, result))
             print(f"  {result}", flush=True)
             shutil.rmtree(tmp / f"{label.replace(' ', '_')}-whole", ignore_errors=True)
-        for label, lengths, backends in RUN_CASES:
+        os.environ["G3N_CACHE_DIR"] = str(tmp / "g3n-cache")  # g3n-run's weight caches, gone with the run
+        budgets = {label: text_weights_and_cache(folder) for label, folder in folders.items()}
+        for label, lengths, engines in RUN_CASES:
             if label not in folders:
                 continue
-            for backend in backends:
-                for n in lengths:
-                    print(f"running {label} {backend} prompt {n} ...", flush=True)
-                    result = run_generation(folders[label], n, backend)
-                    runs.append((label, backend, n, result))
+            for engine in engines:
+                if engine == "litert-lm" and not LITERTLM_PYTHON.exists():
+                    print("skipping litert-lm: `make bench` installs it into .venv-litertlm", flush=True)
+                    continue
+                first = [lengths[0]] if engine in CACHED_ENGINES else []  # builds the weight cache
+                for n in first + lengths:
+                    print(f"running {label} {engine} prompt {n} ...", flush=True)
+                    result = run_generation(folders[label], n, engine, tmp)
+                    runs.append((label, engine, n, result))
                     print(f"  {result}", flush=True)
 
     lines = [
@@ -311,7 +396,7 @@ def main() -> None:
     for label, case_args, _ in CASES:
         source = "--checkpoint <tiny checkpoint> " if label.startswith("tiny") else ""
         lines.append(f"- {label}: `g3n-convert {source}{' '.join(case_args)}`")
-    lines += ["", *(whole_table(whole) if whole else []), *size_table(rows), *runtime_table(runs)]
+    lines += ["", *(whole_table(whole) if whole else []), *size_table(rows), *runtime_table(runs, budgets)]
     plots = args.out.parent / "bench"
     plots.mkdir(parents=True, exist_ok=True)
     if whole:

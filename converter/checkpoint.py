@@ -200,6 +200,13 @@ class SafetensorsCheckpoint:
         return digest.hexdigest()
 
 
+# The norms that close each residual branch. Trained transformers add small updates to the
+# residual stream; a random network whose every branch is as loud as the stream is chaotic, and any
+# rounding (int8 included) flips its argmax, too unlike a real checkpoint to judge quantization by.
+RESIDUAL_BRANCH_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm", "post_per_layer_input_norm", "post_laurel_norm")
+RESIDUAL_BRANCH_GAIN = 0.2
+
+
 class RandomWeights:
     """Deterministic random weights at any scale. Each tensor is drawn in blocks of rows, each block
     from its own generator seeded by (seed, name, block), so bundles can be built independently, in
@@ -215,6 +222,8 @@ class RandomWeights:
         digest = hashlib.sha256(f"{self.seed}:{name}:{index}".encode()).digest()
         gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
         values = torch.randn((rows, *row_shape), generator=gen)
+        if any(norm in name for norm in RESIDUAL_BRANCH_NORMS):
+            return RESIDUAL_BRANCH_GAIN * (1.0 + 0.1 * values)
         if name.endswith("norm.weight"):
             return 1.0 + 0.1 * values
         return values * (0.02 if row_shape else 0.1)

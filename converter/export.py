@@ -95,18 +95,20 @@ def text_bundle_plans(cfg: TextConfig, prefill_lengths: tuple[int, ...], cache_l
     if any(n < 1 or n > cache_length for n in prefill_lengths):
         raise ExportError(f"prefill lengths {list(prefill_lengths)} must be between 1 and --cache-length {cache_length}")
     lengths = sorted(set(prefill_lengths))
+    # The single-token signature comes first in the lookup bundles: LiteRT-LM's CPU executor looks
+    # tokens up one at a time through a file's first signature.
     return [
         BundlePlan(
             "embedder",
             "embedder.",
-            tuple((f"prefill_embedder_{n}", False, token_inputs(n)) for n in lengths)
-            + (("decode_embedder", False, token_inputs(1)),),
+            (("decode_embedder", False, token_inputs(1)),)
+            + tuple((f"prefill_embedder_{n}", False, token_inputs(n)) for n in lengths),
         ),
         BundlePlan(
             "ple",
             "ple.",
-            tuple((f"prefill_per_layer_embedder_{n}", False, token_inputs(n)) for n in lengths)
-            + (("decode_per_layer_embedder", False, token_inputs(1)),),
+            (("decode_per_layer_embedder", False, token_inputs(1)),)
+            + tuple((f"prefill_per_layer_embedder_{n}", False, token_inputs(n)) for n in lengths),
         ),
         BundlePlan(
             "text_core",

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from converter.checkpoint import RESIDUAL_BRANCH_GAIN, RESIDUAL_BRANCH_NORMS
 from converter.config import FULL, SLIDING, TextConfig, tiny_config
 
 TEXT_VOCAB = 512  # trained pieces; multimodal ids follow, as in the real 262144 + 128 + 128 layout
@@ -101,13 +102,6 @@ def train_tokenizer(path: Path, seed: int = 0) -> None:
         model.pieces.add(piece=piece, score=0.0, type=pb.ModelProto.SentencePiece.USER_DEFINED)
     path.write_bytes(model.SerializeToString())
     prefix.with_suffix(".vocab").unlink(missing_ok=True)
-
-
-# The norms that close each residual branch. Trained transformers add small updates to the
-# residual stream; a random network whose every branch is as loud as the stream is chaotic, and any
-# rounding (int8 included) flips its argmax, too unlike a real checkpoint to judge quantization by.
-RESIDUAL_BRANCH_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm", "post_per_layer_input_norm", "post_laurel_norm")
-RESIDUAL_BRANCH_GAIN = 0.2
 
 
 def randomize_(model: torch.nn.Module, seed: int) -> None:
