@@ -232,6 +232,8 @@ def write_bundle(src: Path, dst: Path, plan: BundleQuant, standins: dict | None 
                         weight.bits = 8
                 weight.quantized_tensors.append((subgraph, tensor))
 
+    scales_tensors: dict[int, int] = {}  # id(quantized int4 tensor) -> index of its scales tensor
+
     def set_quantization(placeholder: bool) -> None:
         for weight in weights.values():
             scale = np.zeros((weight.shape[0], weight.blocks), np.float32) if placeholder else weight.scale
@@ -247,9 +249,9 @@ def write_bundle(src: Path, dst: Path, plan: BundleQuant, standins: dict | None 
                             model.buffers.append(schema.BufferT())
                         scales.buffer = weight.scales_buffer
                         subgraph.tensors.append(scales)
-                        tensor.scales_index = len(subgraph.tensors) - 1
+                        scales_tensors[id(tensor)] = len(subgraph.tensors) - 1
                     details = schema.BlockwiseQuantizationT()
-                    details.scales, details.zeroPoints, details.blockSize = tensor.scales_index, -1, weight.block
+                    details.scales, details.zeroPoints, details.blockSize = scales_tensors[id(tensor)], -1, weight.block
                     params.detailsType, params.details = schema.QuantizationDetails.BlockwiseQuantization, details
                     tensor.type = schema.TensorType.INT4
                 else:
