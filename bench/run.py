@@ -269,13 +269,15 @@ def runtime_table(results: list, budgets: dict[str, int]) -> list[str]:
             f"{1000 / rate:.1f} | {r['peak_rss'] / 2**20:,.0f} MiB | {ratio} |"
         )
     warm = {(label, engine, n): r for label, engine, n, r in results if "error" not in r and r.get("weight_cache") != "built"}
+    keys = dict.fromkeys((label, n) for label, engine, n, _ in results if engine == "compiled")  # ordered, unique
     pairs = [(label, n, warm[(label, "compiled", n)], warm[(label, "litert-lm", n)])
-             for label, engine, n, _ in results if engine == "compiled"
-             and (label, "compiled", n) in warm and (label, "litert-lm", n) in warm]
+             for label, n in keys if (label, "compiled", n) in warm and (label, "litert-lm", n) in warm]
     if pairs:
         lines += [
             "",
-            "g3n-run against LiteRT-LM on the same model, machine and run (warm weight caches; above 1.00 g3n-run is faster):",
+            "g3n-run against LiteRT-LM on the same model, machine and run (warm weight caches). Speed ratios are "
+            "g3n-run / LiteRT-LM (above 1.00 g3n-run is faster; time to first token inverted so the same holds); "
+            "the RSS ratio is g3n-run / LiteRT-LM (below 1.00 g3n-run uses less):",
             "",
             "| bundle | prompt tokens | prefill ratio | decode ratio | time to first token ratio | peak RSS ratio |",
             "|---|---:|---:|---:|---:|---:|",
@@ -322,7 +324,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
     parser.add_argument("--tiny-only", action="store_true", help="skip the real-size cases")
+    parser.add_argument("--full-vocab-tokenizer", type=Path, help=argparse.SUPPRESS)  # internal: write it and exit
+    parser.add_argument("--variant", default="e2b", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.full_vocab_tokenizer:
+        from converter.config import variant_config
+
+        full_vocab_tokenizer(args.full_vocab_tokenizer, variant_config(args.variant).vocab_size)
+        return
 
     rows, runs, folders = [], [], {}
     with tempfile.TemporaryDirectory(prefix="g3n-bench-") as tmp:
@@ -335,9 +344,11 @@ def main() -> None:
             if label.startswith("tiny"):
                 case_args = ["--checkpoint", str(tmp / "tiny"), *case_args]
             if "<e2b tokenizer>" in case_args:
-                from converter.config import variant_config
-
-                tokenizer = full_vocab_tokenizer(tmp / "e2b-tokenizer.model", variant_config("e2b").vocab_size)
+                # In a child process: torch stays out of this one, whose RSS every child it
+                # starts would otherwise report as its own peak (ru_maxrss counts the pre-exec image).
+                tokenizer = tmp / "e2b-tokenizer.model"
+                subprocess.run([sys.executable, __file__, "--full-vocab-tokenizer", str(tokenizer), "--variant", "e2b"],
+                               cwd=ROOT, check=True)
                 case_args = [str(tokenizer) if a == "<e2b tokenizer>" else a for a in case_args]
             parts = []
             for bundle in bundles:
