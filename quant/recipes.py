@@ -1,4 +1,8 @@
-"""Quantization recipes for g3n bundles, applied with ai-edge-quantizer to a finished .tflite.
+"""Quantization plans for g3n bundles, as ai-edge-quantizer recipes.
+
+The bundle writer (quant/streaming.py) carries a plan out while it streams the weights;
+`quantize_file` runs the same recipe through ai-edge-quantizer itself, the reference the tests
+hold the writer to.
 
 ai-edge-quantizer's per-operation recipes let the embedding tables (EMBEDDING_LOOKUP) and the
 linear layers (FULLY_CONNECTED) get different schemes; litert-torch's convert-time quant_config
