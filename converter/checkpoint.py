@@ -261,10 +261,15 @@ def materialize(module: nn.Module, prefix: str, source) -> nn.Module:
     """Fill a module built on the meta device with weights from `source`, tensor by tensor."""
     state = {name: source.tensor(f"{prefix}{name}") for name, _ in module.named_parameters()}
     module.load_state_dict(state, strict=True, assign=True)
+    return init_buffers(module).eval()
+
+
+def init_buffers(module: nn.Module) -> nn.Module:
+    """Compute the non-persistent buffers (RoPE frequencies) that meta-device construction skipped."""
     for sub in module.modules():
         if hasattr(sub, "init_buffers"):
             sub.init_buffers()
-    return module.eval()
+    return module
 
 
 def load_text_model(folder: Path):

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from converter.checkpoint import init_buffers
 from converter.errors import ExportError
 
 MIN_STANDIN_ELEMENTS = 1 << 16  # smaller weights are converted with their real values
@@ -40,6 +41,10 @@ class StandIn:
     @property
     def key(self) -> bytes:
         return self.probe[: KEY_BYTES // 4].tobytes()
+
+    @property
+    def standin_bytes(self) -> int:
+        return 4 * self.standin_shape[0] * self.standin_shape[1]
 
 
 def materialize_with_standins(
@@ -79,7 +84,4 @@ def materialize_with_standins(
     for name, value in state.items():
         owner, _, attr = name.rpartition(".")
         setattr(module.get_submodule(owner), attr, nn.Parameter(value, requires_grad=False))
-    for sub in module.modules():
-        if hasattr(sub, "init_buffers"):
-            sub.init_buffers()
-    return module.eval(), standins
+    return init_buffers(module).eval(), standins

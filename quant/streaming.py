@@ -161,10 +161,11 @@ def _find_standins(model, standins: dict, op_names: dict[int, str]) -> dict[int,
     for index, buffer in enumerate(model.buffers):
         if buffer.data is not None and len(buffer.data) >= KEY_BYTES:
             standin = standins.get(np.asarray(buffer.data[:KEY_BYTES]).tobytes())
-            if standin is not None and len(buffer.data) == 4 * standin.standin_shape[0] * standin.standin_shape[1]:
+            if standin is not None and len(buffer.data) == standin.standin_bytes:
                 found[index] = (standin, None)
-    # Weights the converter scaled: match them by shape and by a constant ratio to a stand-in.
-    unmatched = [s for s in standins.values() if all(s is not f for f, _ in found.values())]
+    # Weights the converter scaled: match them by size and by a constant ratio to a stand-in.
+    placed = {id(s) for s, _ in found.values()}
+    unmatched = [s for s in standins.values() if id(s) not in placed]
     for subgraph in model.subgraphs:
         for op in subgraph.operators:
             if op_names[op.opcodeIndex] != "FULLY_CONNECTED" or len(op.inputs) < 2:
@@ -175,13 +176,13 @@ def _find_standins(model, standins: dict, op_names: dict[int, str]) -> dict[int,
                 continue
             values = _floats(buffer)[:PROBE_VALUES]
             for standin in unmatched:
-                probe = standin.probe[: len(values)]
-                if len(values) == len(probe) and len(buffer.data) == 4 * np.prod(standin.standin_shape):
-                    scale = folded_scale(values, probe)
+                if len(buffer.data) == standin.standin_bytes:
+                    scale = folded_scale(values, standin.probe)
                     if scale is not None:
                         found[index] = (standin, scale)
+                        placed.add(id(standin))
                         break
-    missing = [s.name for s in standins.values() if all(s is not f for f, _ in found.values())]
+    missing = [s.name for s in standins.values() if id(s) not in placed]
     if missing:
         raise ExportError(
             f"the converter transformed {len(missing)} weight(s) in a way the bundle writer cannot replay "
