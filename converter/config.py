@@ -132,6 +132,63 @@ class TextConfig:
         return dataclasses.replace(self, **changes)
 
 
+@dataclass(frozen=True)
+class EncoderConfig:
+    """One modality encoder (vision or audio): transformers' sub-config, kept as its JSON dict so
+    the runtime can read it without transformers, and how its soft tokens enter a prompt."""
+
+    modality: str  # "vision" / "audio"
+    hf_config: dict  # Gemma3nVisionConfig / Gemma3nAudioConfig .to_dict()
+    text_width: int
+    soft_tokens: int  # per image / per clip: 256 / 188
+    start_token_id: int  # <start_of_image> / <start_of_audio>
+    soft_token_id: int  # <image_soft_token> / <audio_soft_token>, one per soft token
+    end_token_id: int  # <end_of_image> / <end_of_audio>
+
+    @property
+    def bundle(self) -> str:
+        return f"{self.modality}_encoder"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EncoderConfig":
+        return cls(**d)
+
+
+IMAGE_SIZE = 768  # transformers' Gemma 3n image processor resizes every image to 768 x 768
+
+
+def encoder_configs_from_hf(full) -> dict[str, EncoderConfig]:
+    """The vision / audio encoder configs of a transformers Gemma3nConfig."""
+    text_width = full.get_text_config().hidden_size
+    # The sub-configs' transformers bookkeeping (version, label maps) is not part of the model.
+    keep = lambda c: {k: v for k, v in c.to_dict().items() if k not in ("transformers_version", "id2label", "label2id", "_name_or_path", "architectures", "dtype")}
+    return {
+        "vision": EncoderConfig(
+            "vision", keep(full.vision_config), text_width, full.vision_soft_tokens_per_image,
+            full.boi_token_id, full.image_token_id, full.eoi_token_id,
+        ),
+        "audio": EncoderConfig(
+            "audio", keep(full.audio_config), text_width, full.audio_soft_tokens_per_image,
+            full.boa_token_id, full.audio_token_id, full.eoa_token_id,
+        ),
+    }
+
+
+def variant_encoders(name: str) -> dict[str, EncoderConfig]:
+    """The encoders of a built-in variant: transformers' defaults are the published E2B / E4B
+    towers (MobileNet-V5-300M, the 12-layer USM conformer); the tiny variant's are tiny."""
+    from transformers import Gemma3nConfig
+
+    if name == "tiny":
+        from converter.tiny_checkpoint import hf_config
+
+        return encoder_configs_from_hf(Gemma3nConfig(**hf_config(tiny_config())))
+    return encoder_configs_from_hf(Gemma3nConfig(text_config=dict(hidden_size=variant_config(name).hidden_size)))
+
+
 def _default_layer_types(num_layers: int) -> tuple[str, ...]:
     return tuple(FULL if (i + 1) % 5 == 0 else SLIDING for i in range(num_layers))
 

@@ -62,6 +62,34 @@ def hf_text_config(cfg: TextConfig) -> dict:
     )
 
 
+def hf_config(cfg: TextConfig) -> dict:
+    """Gemma3nConfig keyword arguments: `cfg` as the text model, with tiny MobileNet-V5 and USM
+    towers and multimodal token ids laid out as in the real vocabulary."""
+    v = cfg.vocab_size_per_layer_input
+    return dict(
+        text_config=hf_text_config(cfg),
+        vision_config=dict(
+            hidden_size=2048,  # timm's MobileNet-V5 MSFA output width is fixed at 2048
+            vocab_size=MODALITY_VOCAB,
+            vocab_offset=v,
+            model_args={"channel_multiplier": 0.03125, "msfa_output_resolution": 2},
+        ),
+        audio_config=dict(
+            input_feat_size=32, hidden_size=32, conf_num_attention_heads=4, conf_num_hidden_layers=1,
+            sscp_conv_channel_size=[16, 8], conf_conv_kernel_size=3, conf_attention_chunk_size=4,
+            conf_attention_context_left=5, vocab_size=MODALITY_VOCAB, vocab_offset=v + MODALITY_VOCAB,
+        ),
+        vision_soft_tokens_per_image=4,
+        audio_soft_tokens_per_image=4,
+        boi_token_id=SPECIAL_SYMBOLS.index("<start_of_image>") + 4,
+        boa_token_id=SPECIAL_SYMBOLS.index("<start_of_audio>") + 4,
+        eoi_token_id=v,
+        image_token_id=v + 1,
+        eoa_token_id=v + MODALITY_VOCAB,
+        audio_token_id=v + MODALITY_VOCAB + 1,
+    )
+
+
 def train_tokenizer(path: Path, seed: int = 0) -> None:
     """A 528-piece SentencePiece model: 512 trained (pad/eos/bos/unk = 0/1/2/3, chat and
     modality start tokens as user symbols) + 16 multimodal pieces at ids 512..527."""
@@ -114,7 +142,7 @@ def randomize_(model: torch.nn.Module, seed: int) -> None:
             if p.dim() >= 2 and "embed" in name:
                 p.copy_(noise * 0.5)
             elif p.dim() >= 2:
-                p.copy_(noise / math.sqrt(p.shape[-1]))
+                p.copy_(noise / math.sqrt(p[0].numel()))  # unit gain over each output's fan-in (convs too)
             elif any(norm in name for norm in RESIDUAL_BRANCH_NORMS):
                 p.copy_(RESIDUAL_BRANCH_GAIN * (1.0 + 0.5 * noise))
             else:
@@ -132,30 +160,7 @@ def build_tiny_checkpoint(out: Path, text_only: bool = False, seed: int = 0, cfg
     if text_only:
         model = Gemma3nForCausalLM(Gemma3nTextConfig(**text))
     else:
-        v = cfg.vocab_size_per_layer_input
-        config = Gemma3nConfig(
-            text_config=text,
-            vision_config=dict(
-                hidden_size=2048,  # timm's MobileNet-V5 MSFA output width is fixed at 2048
-                vocab_size=MODALITY_VOCAB,
-                vocab_offset=v,
-                model_args={"channel_multiplier": 0.03125, "msfa_output_resolution": 2},
-            ),
-            audio_config=dict(
-                input_feat_size=32, hidden_size=32, conf_num_attention_heads=4, conf_num_hidden_layers=1,
-                sscp_conv_channel_size=[16, 8], conf_conv_kernel_size=3, conf_attention_chunk_size=4,
-                conf_attention_context_left=5, vocab_size=MODALITY_VOCAB, vocab_offset=v + MODALITY_VOCAB,
-            ),
-            vision_soft_tokens_per_image=4,
-            audio_soft_tokens_per_image=4,
-            boi_token_id=SPECIAL_SYMBOLS.index("<start_of_image>") + 4,
-            boa_token_id=SPECIAL_SYMBOLS.index("<start_of_audio>") + 4,
-            eoi_token_id=v,
-            image_token_id=v + 1,
-            eoa_token_id=v + MODALITY_VOCAB,
-            audio_token_id=v + MODALITY_VOCAB + 1,
-        )
-        model = Gemma3nForConditionalGeneration(config)
+        model = Gemma3nForConditionalGeneration(Gemma3nConfig(**hf_config(cfg)))
     randomize_(model, seed)
     model.eval().save_pretrained(out)
     train_tokenizer(out / "tokenizer.model", seed)
