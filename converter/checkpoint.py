@@ -75,6 +75,22 @@ IGNORED_PATTERNS = (
 )
 
 
+# Where each encoder module's parameters live in a checkpoint (our prefix -> Hugging Face prefix).
+ENCODER_PREFIXES = {
+    "vision": {"vision_encoder.tower.": "model.vision_tower.timm_model.", "vision_encoder.embed.": "model.embed_vision."},
+    "audio": {"audio_encoder.tower.": "model.audio_tower.", "audio_encoder.embed.": "model.embed_audio."},
+}
+
+
+def encoder_name_map(modality: str, names: Iterable[str]) -> dict[str, str]:
+    """Our encoder parameter name -> its absolute Hugging Face name."""
+    out = {}
+    for name in names:
+        ours = next(p for p in ENCODER_PREFIXES[modality] if name.startswith(p))
+        out[name] = ENCODER_PREFIXES[modality][ours] + name[len(ours):]
+    return out
+
+
 def text_name_map(cfg: TextConfig) -> dict[str, str]:
     """Our name -> Hugging Face name relative to the language-model prefix; hard-token
     embedder names start with "/" because they are absolute (model.embed_vision.*)."""
@@ -107,6 +123,8 @@ class SafetensorsCheckpoint:
     """A Hugging Face checkpoint folder, memory-mapped, validated against `cfg` on open."""
 
     def __init__(self, folder: Path, cfg: TextConfig, expected_shapes: dict[str, tuple[int, ...]]):
+        """`expected_shapes` names every tensor to map: the text modules' and, for the encoders to
+        convert, theirs ("vision_encoder.*", "audio_encoder.*"); other encoder tensors are skipped."""
         self.folder = Path(folder)
         self.cfg = cfg
         files = sorted(self.folder.glob("*.safetensors"))
@@ -145,16 +163,25 @@ class SafetensorsCheckpoint:
         }
         if "lm_head.weight" in self._where:
             self.name_map["decoder.lm_head.weight"] = "lm_head.weight"
+        self.encoders = set()
+        for modality in ENCODER_PREFIXES:
+            names = [n for n in expected_shapes if n.startswith(f"{modality}_encoder.")]
+            if names:
+                self.encoders.add(modality)
+                self.name_map.update(encoder_name_map(modality, names))
         self._validate(expected_shapes)
 
     def _validate(self, expected_shapes: dict[str, tuple[int, ...]]) -> None:
         mapped = set(self.name_map.values())
         shared = {self.prefix + n for n in shared_kv_names(self.cfg)}
         missing = {hf for hf in mapped if hf not in self._where}
+        # An encoder being converted is checked as strictly as the text model: none of its tensors skipped.
+        converted = tuple(hf for m in self.encoders for hf in ENCODER_PREFIXES[m].values() if "tower" in hf)
         unmapped = {
             k
             for k in self._where
-            if k not in mapped and k not in shared and not any(re.search(p, k) for p in IGNORED_PATTERNS)
+            if k not in mapped and k not in shared
+            and (k.startswith(converted) or not any(re.search(p, k) for p in IGNORED_PATTERNS))
         }
         problems = []
         if missing:
@@ -248,13 +275,18 @@ class RandomWeights:
         return f"random-weights:seed={self.seed}"
 
 
-def expected_shapes(cfg: TextConfig) -> dict[str, tuple[int, ...]]:
-    """Shapes of every parameter of the three text modules, computed on the meta device (no memory)."""
+def expected_shapes(cfg: TextConfig, encoders: Iterable = ()) -> dict[str, tuple[int, ...]]:
+    """Shapes of every parameter of the three text modules and of the given encoders
+    (EncoderConfigs), computed on the meta device (no memory)."""
+    from converter.encoders import build_encoder
     from converter.model import Gemma3nText
 
     with torch.device("meta"):
         model = Gemma3nText(cfg)
-    return {n: tuple(p.shape) for n, p in model.named_parameters()}
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    for enc in encoders:
+        shapes.update({f"{enc.bundle}.{n}": tuple(p.shape) for n, p in build_encoder(enc).named_parameters()})
+    return shapes
 
 
 def materialize(module: nn.Module, prefix: str, source) -> nn.Module:

@@ -33,7 +33,9 @@ def _parse_lengths(ctx, param, value: str) -> tuple[int, ...]:
     return lengths
 
 
-def _parse_bundles(ctx, param, value: str) -> tuple[str, ...]:
+def _parse_bundles(ctx, param, value: str | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
@@ -117,15 +119,15 @@ class _StageDisplay:
 @click.option("--quant-text", type=click.Choice(SCHEMES), default=None, help="Override --quant for text_core.")
 @click.option("--quant-embed", type=click.Choice(SCHEMES), default=None, help="Override --quant for the token embedder.")
 @click.option("--quant-ple", type=click.Choice(SCHEMES), default=None, help="Override --quant for the per-layer-embedding table.")
-@click.option("--quant-vision", type=click.Choice(SCHEMES), default=None, help="Override --quant for the vision encoder (once built; default int8 when --quant int4).")
-@click.option("--quant-audio", type=click.Choice(SCHEMES), default=None, help="Override --quant for the audio encoder (once built; default int8 when --quant int4).")
+@click.option("--quant-vision", type=click.Choice(SCHEMES), default=None, help="Override --quant for the vision encoder (default int8 when --quant int4).")
+@click.option("--quant-audio", type=click.Choice(SCHEMES), default=None, help="Override --quant for the audio encoder (default int8 when --quant int4).")
 @click.option("--strict", is_flag=True, help="Fail (no manifest) when quantized quality falls below its threshold, instead of warning.")
 @click.option("--no-quality-report", "skip_quality", is_flag=True, help="Skip scoring quantized bundles against the float ones (saves time at real size).")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Output folder for the bundles  [default: ./g3n-<variant>]")
 @click.option("--prefill-lengths", default="32,128", show_default=True, callback=_parse_lengths, help="Comma-separated prefill signature lengths (prefill_<N>).")
 @click.option("--cache-length", type=click.IntRange(min=2), default=1024, show_default=True, help="KV cache length: the longest context the bundle can hold.")
 @click.option("--tokenizer", type=click.Path(path_type=Path), default=None, help="SentencePiece tokenizer.model to bundle (default: the checkpoint's).")
-@click.option("--bundles", default="embedder,ple,text_core", show_default=True, callback=_parse_bundles, help="Which bundles to build.")
+@click.option("--bundles", default=None, callback=_parse_bundles, help="Comma-separated bundles to build, from embedder, ple, text_core, vision_encoder, audio_encoder  [default: all the checkpoint has]")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON instead of a summary.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 @click.option("-v", "--verbose", is_flag=True, help="Also show litert-torch's own conversion log.")
@@ -156,7 +158,7 @@ def main(ctx, checkpoint, random_weights, seed, variant, quant, block_size, quan
         quant_overrides={
             bundle: scheme
             for bundle, scheme in (("text_core", quant_text), ("embedder", quant_embed), ("ple", quant_ple),
-                                   ("vision", quant_vision), ("audio", quant_audio))
+                                   ("vision_encoder", quant_vision), ("audio_encoder", quant_audio))
             if scheme is not None
         },
         block_size=int(block_size),

@@ -44,6 +44,7 @@ class VisionEncoder(nn.Module):
         import timm
 
         hf = cfg.hf_config
+        self.soft_tokens = cfg.soft_tokens
         self.width = hf["hidden_size"]
         self.tower = timm.create_model(hf["architecture"], pretrained=False, **(hf.get("model_args") or {}))
         for module in self.tower.modules():
@@ -60,11 +61,15 @@ class VisionEncoder(nn.Module):
 
 
 class AudioEncoder(nn.Module):
+    # The relative-position projection runs on a constant timing signal: the converter folds it.
+    CONSTANT_FOLDED_WEIGHTS = ("relative_position_embedding.pos_proj",)
+
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
         from transformers import Gemma3nAudioConfig
         from transformers.models.gemma3n.modeling_gemma3n import Gemma3nAudioAttention, Gemma3nAudioEncoder
 
+        self.soft_tokens = cfg.soft_tokens
         self.config = Gemma3nAudioConfig(**cfg.hf_config)
         self.tower = Gemma3nAudioEncoder(self.config)
         ExportableAudioAttention = _exportable_audio_attention()

@@ -6,6 +6,9 @@
   embedder.tflite   prefill_embedder_<N> / decode_embedder: token_ids [1,N] i32 -> embeddings [1,N,H]
   ple.tflite        prefill_per_layer_embedder_<N> / decode_per_layer_embedder:
                                  token_ids [1,N] i32 -> embeddings [1,N,L,P]
+  vision_encoder.tflite  vision_encoder: images [1,S,S,3] f32 in [0,1] -> embeddings [1,256,H]
+  audio_encoder.tflite   audio_encoder: features [1,F,M] f32 log-mel, mask [1,F] i32 (1 = real frame)
+                                 -> embeddings [1,188,H], mask [1,188] i32 (1 = a soft token of the clip)
 
 Prefill writes the cache only (no lm_head over the whole prompt); a runner prefills all but the
 last prompt token and decodes the last one to get the first logits, as LiteRT-LM does.
@@ -25,7 +28,8 @@ import torch
 from torch import nn
 
 from converter.bundle import atomic_path
-from converter.config import TextConfig
+from converter.config import IMAGE_SIZE, EncoderConfig, TextConfig
+from converter.encoders import build_encoder, encoder_frames
 from converter.errors import ExportError
 from converter.model import PerLayerEmbedder, TextDecoder, TokenEmbedder, empty_kv_cache
 
@@ -61,6 +65,55 @@ class TokenIdsSignature(nn.Module):
         return {"embeddings": self.module(token_ids)}
 
 
+class VisionSignature(nn.Module):
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, images):
+        return {"embeddings": self.module(images)}
+
+
+class AudioSignature(nn.Module):
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, features, mask):
+        embeddings, valid = self.module(features, mask)
+        return {"embeddings": embeddings, "mask": valid}
+
+
+SIGNATURE_WRAPPERS = {"embedder": TokenIdsSignature, "ple": TokenIdsSignature, "vision_encoder": VisionSignature,
+                      "audio_encoder": AudioSignature}
+
+
+def encoder_inputs(enc: EncoderConfig) -> dict[str, torch.Tensor]:
+    if enc.modality == "vision":
+        return {"images": torch.zeros(1, IMAGE_SIZE, IMAGE_SIZE, 3)}
+    frames = encoder_frames(enc)
+    return {"features": torch.zeros(1, frames, enc.hf_config["input_feat_size"]),
+            "mask": torch.ones(1, frames, dtype=torch.int32)}
+
+
+def encoder_manifest(enc: EncoderConfig) -> dict:
+    """What a runner needs to feed an encoder and place its soft tokens (manifest "encoders")."""
+    entry = {
+        "bundle": enc.bundle,
+        "soft_tokens": enc.soft_tokens,
+        "start_token_id": enc.start_token_id,
+        "soft_token_id": enc.soft_token_id,
+        "end_token_id": enc.end_token_id,
+        "config": enc.hf_config,
+    }
+    if enc.modality == "vision":
+        entry["image"] = {"size": IMAGE_SIZE, "layout": "NHWC RGB", "range": [0.0, 1.0], "resize": "bilinear"}
+    else:
+        entry["audio"] = {"frames": encoder_frames(enc), "mel_bins": enc.hf_config["input_feat_size"],
+                          "sample_rate": 16000, "frame_ms": 32.0, "hop_ms": 10.0}
+    return entry
+
+
 def text_core_inputs(cfg: TextConfig, length: int, cache_length: int) -> dict[str, torch.Tensor]:
     inputs = {
         "embeddings": torch.zeros(1, length, cfg.hidden_size),
@@ -82,9 +135,10 @@ def token_inputs(length: int) -> dict[str, torch.Tensor]:
 class BundlePlan:
     """What one .tflite holds: which module, which signatures."""
 
-    name: str  # text_core / embedder / ple
+    name: str  # text_core / embedder / ple / vision_encoder / audio_encoder
     weights_prefix: str  # prefix of the module's parameters in the weight sources
     signatures: tuple[tuple[str, bool, dict], ...]  # (signature name, logits?, sample inputs)
+    encoder: EncoderConfig | None = None
 
     @property
     def file(self) -> str:
@@ -119,8 +173,14 @@ def text_bundle_plans(cfg: TextConfig, prefill_lengths: tuple[int, ...], cache_l
     ]
 
 
+def encoder_bundle_plan(enc: EncoderConfig) -> BundlePlan:
+    return BundlePlan(enc.bundle, f"{enc.bundle}.", ((enc.bundle, False, encoder_inputs(enc)),), enc)
+
+
 def build_module(plan: BundlePlan, cfg: TextConfig) -> nn.Module:
-    """The bundle's PyTorch module on the meta device (no memory until materialised)."""
+    """The bundle's PyTorch module with its parameters on the meta device (no memory until materialised)."""
+    if plan.encoder is not None:
+        return build_encoder(plan.encoder)
     cls = {"embedder": TokenEmbedder, "ple": PerLayerEmbedder, "text_core": TextDecoder}[plan.name]
     with torch.device("meta"):
         return cls(cfg)
@@ -128,6 +188,12 @@ def build_module(plan: BundlePlan, cfg: TextConfig) -> nn.Module:
 
 def output_specs(bundle: str, sample: dict[str, torch.Tensor], logits: bool, module: nn.Module) -> dict:
     """Output names, shapes and dtypes of one signature, derived without running the model."""
+    if bundle in ("vision_encoder", "audio_encoder"):
+        tokens, width = module.soft_tokens, module.embed.embedding_projection.out_features
+        out = {"embeddings": {"shape": [1, tokens, width], "dtype": "float32"}}
+        if bundle == "audio_encoder":
+            out["mask"] = {"shape": [1, tokens], "dtype": "int32"}
+        return out
     if bundle == "text_core":
         out = {k: _tensor_spec(v) for k, v in sample.items() if k.startswith("kv_cache_")}
         if logits:
@@ -152,14 +218,17 @@ def convert_to_tflite(plan: BundlePlan, module: nn.Module, out_path: Path) -> di
     for sig_name, logits, sample in plan.signatures:
         key = (plan.name, logits)
         if key not in wrappers:
-            wrapper = TextCoreSignature(module, logits) if plan.name == "text_core" else TokenIdsSignature(module)
+            wrapper = TextCoreSignature(module, logits) if plan.name == "text_core" else SIGNATURE_WRAPPERS[plan.name](module)
             wrappers[key] = wrapper.eval()
         builder = (litert_torch if builder is None else builder).signature(sig_name, wrappers[key], sample_kwargs=sample)
     try:
         with torch.no_grad():
             # lightweight_conversion keeps large weights as references instead of copies while
             # lowering: same flatbuffer, much lower peak memory for real-size bundles.
-            edge_model = builder.convert(lightweight_conversion=True)
+            # Its runtime constant folding writes folded BOOL constants empty (the audio encoder's
+            # attention mask), an invalid file; the encoders have nothing big to fold.
+            edge_model = builder.convert(lightweight_conversion=True,
+                                         runtime_constant_folding=False if plan.encoder else None)
     except Exception as exc:  # litert-torch surfaces lowering failures as many exception types
         raise ExportError(f"litert-torch could not convert {plan.file}: {type(exc).__name__}: {exc}") from exc
 

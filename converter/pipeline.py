@@ -23,15 +23,17 @@ from pathlib import Path
 from converter import __version__
 from converter.bundle import FORMAT, FORMAT_VERSION, atomic_path, file_entry, prepare_output_dir, write_manifest
 from converter.checkpoint import RandomWeights, SafetensorsCheckpoint, expected_shapes
-from converter.config import VARIANTS, TextConfig, load_hf_config, variant_config
+from converter.config import VARIANTS, EncoderConfig, TextConfig, encoder_configs_from_hf, load_hf_config, variant_config, variant_encoders
 from converter.errors import CheckpointError, G3nError, QualityError
-from converter.export import build_module, convert_to_tflite, text_bundle_plans
+from converter.export import build_module, convert_to_tflite, encoder_bundle_plan, encoder_manifest, text_bundle_plans
 from converter.model import MASK_VALUE
 from converter.standins import materialize_with_standins
 from quant.recipes import BLOCK_SIZES, SCHEMES, bundle_scheme, plan_quantization
 from quant.streaming import write_bundle
 
 TEXT_BUNDLES = ("embedder", "ple", "text_core")
+ENCODER_BUNDLES = ("vision_encoder", "audio_encoder")
+ALL_BUNDLES = TEXT_BUNDLES + ENCODER_BUNDLES
 WORK_DIR = ".g3n-work"  # converted graphs before their weights are written; float originals for the quality report
 
 
@@ -50,7 +52,7 @@ class ConvertOptions:
     prefill_lengths: tuple[int, ...] = (32, 128)
     cache_length: int = 1024
     tokenizer: Path | None = None
-    bundles: tuple[str, ...] = TEXT_BUNDLES
+    bundles: tuple[str, ...] | None = None  # None: every bundle the model has (no encoders for text-only checkpoints)
 
 
 def resolve_config(opts: ConvertOptions) -> tuple[TextConfig, Path | None]:
@@ -79,6 +81,30 @@ def resolve_config(opts: ConvertOptions) -> tuple[TextConfig, Path | None]:
             cfg = cfg.replace(name=opts.variant)
         return cfg, folder
     return variant_config(opts.variant or "e2b"), None
+
+
+def resolve_encoders(cfg: TextConfig, checkpoint: Path | None) -> dict[str, EncoderConfig]:
+    """The model's vision / audio encoders: from a multimodal checkpoint's config.json, or the
+    built-in variant's; none for a text-only checkpoint."""
+    if checkpoint is None:
+        return variant_encoders(cfg.name)
+    hf, _ = load_hf_config(checkpoint)
+    if hf.get("model_type") != "gemma3n":
+        return {}
+    from transformers import Gemma3nConfig
+
+    return encoder_configs_from_hf(Gemma3nConfig.from_dict(hf))
+
+
+def choose_bundles(opts: ConvertOptions, encoders: dict[str, EncoderConfig]) -> tuple[str, ...]:
+    available = TEXT_BUNDLES + tuple(e.bundle for e in encoders.values())
+    if opts.bundles is None:
+        return available
+    missing = [b for b in opts.bundles if b in ENCODER_BUNDLES and b not in available]
+    if missing:
+        raise G3nError(f"the checkpoint has no {' or '.join(missing)} (a text-only Gemma3nForCausalLM); "
+                       f"choose from {', '.join(available)}")
+    return tuple(opts.bundles)
 
 
 def find_tokenizer(opts: ConvertOptions, checkpoint: Path | None) -> Path | None:
@@ -115,20 +141,23 @@ def check_quant_options(opts: ConvertOptions) -> dict[str, str]:
             raise G3nError(f"unknown quantization scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
     if opts.block_size not in BLOCK_SIZES:
         raise G3nError(f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))}")
-    return {b: bundle_scheme(b, opts.quant, opts.quant_overrides) for b in opts.bundles}
+    return {b: bundle_scheme(b, opts.quant, opts.quant_overrides) for b in (opts.bundles or ALL_BUNDLES)}
 
 
 def convert(opts: ConvertOptions, on_stage: Callable[[str], None] = lambda s: None) -> dict:
     """Convert and write the bundle folder; returns the manifest."""
-    unknown = set(opts.bundles) - set(TEXT_BUNDLES)
+    unknown = set(opts.bundles or ()) - set(ALL_BUNDLES)
     if unknown:
-        raise G3nError(f"unknown bundle(s) {', '.join(sorted(unknown))}; choose from {', '.join(TEXT_BUNDLES)}")
+        raise G3nError(f"unknown bundle(s) {', '.join(sorted(unknown))}; choose from {', '.join(ALL_BUNDLES)}")
     schemes = check_quant_options(opts)
 
     started = time.perf_counter()
     on_stage("reading config and weights")
     cfg, checkpoint_dir = resolve_config(opts)
-    shapes = expected_shapes(cfg)
+    encoders = resolve_encoders(cfg, checkpoint_dir)
+    wanted = choose_bundles(opts, encoders)
+    encoders = {m: e for m, e in encoders.items() if e.bundle in wanted}
+    shapes = expected_shapes(cfg, encoders.values())
     if checkpoint_dir is not None:
         source = SafetensorsCheckpoint(checkpoint_dir, cfg, shapes)
     else:
@@ -136,7 +165,8 @@ def convert(opts: ConvertOptions, on_stage: Callable[[str], None] = lambda s: No
     tokenizer = find_tokenizer(opts, checkpoint_dir)
     if tokenizer is not None:
         check_tokenizer(tokenizer, cfg)
-    plans = [p for p in text_bundle_plans(cfg, opts.prefill_lengths, opts.cache_length) if p.name in opts.bundles]
+    plans = [p for p in text_bundle_plans(cfg, opts.prefill_lengths, opts.cache_length) if p.name in wanted]
+    plans += [encoder_bundle_plan(enc) for enc in encoders.values()]
 
     out = Path(opts.out)
     prepare_output_dir(out)
@@ -203,6 +233,7 @@ def convert(opts: ConvertOptions, on_stage: Callable[[str], None] = lambda s: No
             "kv_cache_layout": {"k": "[1, kv_heads, cache_length, head_dim]", "v": "[1, kv_heads, head_dim, cache_length]"},
             "mask": {"attend": 0.0, "blocked": MASK_VALUE, "note": "full-attention mask; sliding layers narrow it in-graph"},
             "bundles": bundles,
+            "encoders": {m: encoder_manifest(e) for m, e in encoders.items()},
             "files": files,
         }
         if (float_files or unscored) and opts.quality_report:

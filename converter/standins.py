@@ -55,10 +55,14 @@ def materialize_with_standins(
     tables = {id(m.weight) for m in module.modules() if isinstance(m, nn.Embedding)}
     linears = {id(m.weight) for m in module.modules() if isinstance(m, nn.Linear)}
     params = list(module.named_parameters())
+    # A module may name weights the converter folds into constants (a linear over a constant
+    # input); those must be converted with their real values.
+    real = tuple(getattr(module, "CONSTANT_FOLDED_WEIGHTS", ()))
     chosen = [
         (name, p)
         for name, p in params
         if p.dim() == 2 and p.numel() >= min_elements and (id(p) in tables or id(p) in linears)
+        and not any(part in name for part in real)
     ]
     standin_shapes = {
         name: (min(TABLE_STANDIN_ROWS, p.shape[0]), p.shape[1]) if id(p) in tables else tuple(p.shape)

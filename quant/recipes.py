@@ -27,13 +27,15 @@ from converter.errors import ExportError
 
 SCHEMES = ("none", "int8", "int4")
 BLOCK_SIZES = (32, 64, 128, 256)  # what ai-edge-quantizer's blockwise granularity offers
-ENCODER_BUNDLES = ("vision", "audio")  # conv / conformer encoders: int4 costs them too much, default int8
+ENCODER_BUNDLES = ("vision_encoder", "audio_encoder")  # conv / conformer encoders: int4 costs them too much, default int8
 
 # Which ops carry a bundle's weights (everything else in the graph stays float).
 BUNDLE_OPS = {
     "embedder": ("EMBEDDING_LOOKUP", "FULLY_CONNECTED"),  # + the hard-token projections
     "ple": ("EMBEDDING_LOOKUP",),
     "text_core": ("FULLY_CONNECTED",),
+    "vision_encoder": ("CONV_2D", "FULLY_CONNECTED"),  # MobileNet-V5's weights are mostly 1x1 convolutions
+    "audio_encoder": ("FULLY_CONNECTED",),  # the conformer's projections and feed-forwards
 }
 
 
@@ -78,7 +80,7 @@ class BundleQuant:
             return [_weight_rule(op, 8, "CHANNELWISE") for op in BUNDLE_OPS[self.bundle]]
         rules = []
         for op in BUNDLE_OPS[self.bundle]:
-            block = self.table_block_size if op == "EMBEDDING_LOOKUP" else self.block_size
+            block = self.table_block_size if op == "EMBEDDING_LOOKUP" else None if op == "CONV_2D" else self.block_size
             rules.append(_weight_rule(op, 4, f"BLOCKWISE_{block}") if block else _weight_rule(op, 8, "CHANNELWISE"))
         # Later rules win in ai-edge-quantizer; op scope names end in "Linear_<attribute name>".
         rules += [

@@ -8,7 +8,7 @@ Two jobs, one pass, a slice of rows at a time:
     followed by a multiply, e.g. the logit soft-cap's 1/30), the scale is recovered exactly from
     the stand-in's values and replayed on the real weight;
   * quantize: the weights of the bundle's FULLY_CONNECTED and EMBEDDING_LOOKUP ops become int8
-    per-channel or int4 blockwise, as ai-edge-quantizer's dynamic-range recipe would make them:
+    per-channel or int4 blockwise (CONV_2D filters, in the vision encoder: int8 per output channel), as ai-edge-quantizer's dynamic-range recipe would make them:
     scales from its own `tensor_zp_scale_from_min_max`, values rounded and clipped with its
     `_round_and_clip_inplace` and packed with its `pack_data`, the same tensor types and
     quantization parameters (tests/test_quantization.py compares the two tensor by tensor).
@@ -213,21 +213,22 @@ def write_bundle(src: Path, dst: Path, plan: BundleQuant, standins: dict | None 
                     continue
                 tensor = subgraph.tensors[tensor_index]
                 weight = weights.get(tensor.buffer)
-                is_weight = kind in ("FULLY_CONNECTED", "EMBEDDING_LOOKUP") and position == 1
+                is_weight = kind in ("FULLY_CONNECTED", "EMBEDDING_LOOKUP", "CONV_2D") and position == 1
                 if tensor.buffer in filled:
-                    if not is_weight:
+                    if not is_weight or kind == "CONV_2D":
                         raise ExportError(f"stand-in {filled[tensor.buffer][0].name} feeds a {kind} op, not a weight input")
                     tensor.shape = list(weight.shape)  # a table was converted with fewer rows
-                if not is_weight or kind not in quantized_ops or tensor.type != schema.TensorType.FLOAT32 or len(tensor.shape) != 2:
+                rank = 4 if kind == "CONV_2D" else 2  # a convolution's filter: [out, h, w, in]
+                if not is_weight or kind not in quantized_ops or tensor.type != schema.TensorType.FLOAT32 or len(tensor.shape) != rank:
                     continue
                 if weight is None and model.buffers[tensor.buffer].data is None:
                     continue  # an activation, e.g. attention's matmul lowered to FULLY_CONNECTED
-                if weight is None:  # a weight converted with its real values
-                    data = _floats(model.buffers[tensor.buffer]).reshape(tensor.shape)
-                    weight = weights[tensor.buffer] = _Weight(tuple(tensor.shape), _inline_reader(data))
+                if weight is None:  # a weight converted with its real values, as [out, everything else]
+                    data = _floats(model.buffers[tensor.buffer]).reshape(tensor.shape[0], -1)
+                    weight = weights[tensor.buffer] = _Weight(data.shape, _inline_reader(data))
                 if weight.bits == 32:
                     block = plan.table_block_size if kind == "EMBEDDING_LOOKUP" else plan.block_size
-                    if plan.scheme == "int4" and block and weight.shape[1] % block == 0:
+                    if kind != "CONV_2D" and plan.scheme == "int4" and block and weight.shape[1] % block == 0:
                         weight.bits, weight.block = 4, block
                     else:  # int8, or an int4 layer / table whose width the block does not divide
                         weight.bits = 8

@@ -5,6 +5,10 @@
 A model turn ends with <end_of_turn>\n; the next user turn follows directly. `<bos>` opens the
 conversation only. The markers are looked up by id, so this works whether or not a tokenizer
 parses them out of text.
+
+An image or a clip enters a user turn before its text as transformers' Gemma3nProcessor writes it:
+"\n\n<start_of_image>" + one <image_soft_token> per soft token + "<end_of_image>\n\n" (audio alike).
+Special pieces split the text, and the runs between them are tokenized whole, as there.
 """
 
 from __future__ import annotations
@@ -32,25 +36,42 @@ class Tokenizer:
         if any(i == self.sp.unk_id() for i in self.markers.values()):
             self.markers = {}  # a tokenizer without chat markers: raw prompts only
         self.stop_ids = {self.eos_id} | ({self.markers[END_OF_TURN]} if self.markers else set())
+        self._splitter = _MARKERS
+
+    @property
+    def has_chat(self) -> bool:
+        return START_OF_TURN in self.markers
+
+    def add_special_ids(self, ids) -> None:
+        """Pieces (by id) that `encode` recognises in text as single ids: the image / audio markers."""
+        for i in ids:
+            self.markers[self.sp.id_to_piece(int(i))] = int(i)
+        self._splitter = re.compile("(" + "|".join(re.escape(m) for m in sorted(self.markers, key=len, reverse=True)) + ")")
 
     def encode(self, text: str) -> list[int]:
-        """Text with any turn markers in it -> ids (the markers as their single ids)."""
+        """Text with any special pieces in it -> ids (the pieces as their single ids)."""
         ids: list[int] = []
-        for part in _MARKERS.split(text):
+        for part in self._splitter.split(text):
             if part in self.markers:
                 ids.append(self.markers[part])
             elif part:
                 ids += self.sp.encode(part)
         return ids
 
+    def media_text(self, start_id: int, soft_id: int, count: int, end_id: int) -> str:
+        """The text of one image / clip in a prompt: its markers around `count` soft-token placeholders."""
+        piece = self.sp.id_to_piece
+        return f"\n\n{piece(start_id)}{piece(soft_id) * count}{piece(end_id)}\n\n"
+
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(ids)
 
-    def user_turn(self, text: str, system: str | None = None, first: bool = True) -> list[int]:
-        """Ids of one user turn plus the opening of the model's reply."""
-        if not self.markers:
+    def user_turn(self, text: str, system: str | None = None, first: bool = True, media: str = "") -> list[int]:
+        """Ids of one user turn plus the opening of the model's reply; `media` (from media_text)
+        goes before the text."""
+        if not self.has_chat:
             raise BundleError("the bundle's tokenizer has no <start_of_turn>/<end_of_turn>; use raw prompts (--raw)")
-        body = f"{system}\n\n{text}" if system else text
+        body = f"{system}\n\n{media}{text}" if system else f"{media}{text}"
         ids = self.encode(f"{START_OF_TURN}user\n{body}{END_OF_TURN}\n{START_OF_TURN}model\n")
         return ([self.bos_id] if first else []) + ids
 

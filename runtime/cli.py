@@ -65,7 +65,8 @@ def _print_stats(stats: dict, loaded: list[str]) -> None:
 @click.option("--no-weight-cache", is_flag=True, help="Pack the weights in memory on every load instead.")
 def main(bundle, prompt, system, image, audio, max_new_tokens, temperature, top_k, top_p, seed, raw, stats, as_json, verify,
          threads, weight_cache, no_weight_cache):
-    """Generate text with a g3n bundle folder (text_core, embedder, ple, tokenizer.model).
+    """Generate text with a g3n bundle folder (text_core, embedder, ple, tokenizer.model;
+    vision_encoder / audio_encoder for --image / --audio).
 
     Streams the reply as it is produced. Vision / audio encoders load only for prompts that
     carry an --image / --audio.
@@ -83,8 +84,7 @@ def main(bundle, prompt, system, image, audio, max_new_tokens, temperature, top_
         options = dict(max_new_tokens=max_new_tokens, sampling=sampling, raw=raw, system=system, image=image, audio=audio)
         if prompt is None:
             _interactive(session, options, stats)
-            return
-        if as_json:
+        elif as_json:
             result = session.generate(prompt, **options)
             click.echo(json.dumps({
                 "text": result.text,
@@ -93,10 +93,10 @@ def main(bundle, prompt, system, image, audio, max_new_tokens, temperature, top_
                 "loaded_bundles": session.loaded_bundles,
                 "stats": result.stats,
             }, indent=2))
-            return
-        _stream(session, prompt, options)
-        if stats:
-            _print_stats(session.last.stats, session.loaded_bundles)
+        else:
+            _stream(session, prompt, options)
+            if stats:
+                _print_stats(session.last.stats, session.loaded_bundles)
     except G3nError as exc:
         _fail(str(exc))
     except ValueError as exc:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +158,19 @@ class CompiledCore:
         return self.logits[0].read(self.logits[1], np.float32) if want_logits else None
 
 
+class EncoderEngine:
+    """One encoder bundle (vision / audio): inputs -> soft-token embeddings, on XNNPACK."""
+
+    def __init__(self, path: Path, signature: str, num_threads: int | None = None):
+        started = time.perf_counter()
+        self.runner = open_interpreter(path, num_threads).get_signature_runner(signature)
+        self.load_seconds = time.perf_counter() - started
+
+    def __call__(self, **inputs) -> dict[str, np.ndarray]:
+        with quiet_native_logs():  # the first run sets up XNNPACK, loudly
+            return self.runner(**inputs)
+
+
 class TextEngine:
     """`files` replaces some bundles' paths (the quality report pairs float and quantized files)."""
 
@@ -205,12 +219,20 @@ class TextEngine:
         allowed = np.arange(self.cache_length)[None, :] <= positions[:, None]
         return np.where(allowed, np.float32(0), self.blocked)[None, None].astype(np.float32)
 
-    def _run(self, token_ids: np.ndarray, positions: np.ndarray, want_logits: bool):
+    def embed(self, token_ids) -> np.ndarray:
+        """The embedder's output for single tokens: [len(token_ids), H]."""
+        embed = self._lookups[1][0]
+        return np.concatenate([embed(token_ids=np.array([[t]], np.int32))["embeddings"][0] for t in token_ids])
+
+    def _run(self, token_ids: np.ndarray, positions: np.ndarray, want_logits: bool, soft: dict | None = None):
         n = len(token_ids)
         embed, per_layer = self._lookups[n]
         ids = token_ids.reshape(1, -1).astype(np.int32)
+        embeddings = embed(token_ids=ids)["embeddings"]
+        for i, vector in (soft or {}).items():  # image / audio soft tokens replace their placeholders' rows
+            embeddings[0, i] = vector
         inputs = {
-            "embeddings": embed(token_ids=ids)["embeddings"],
+            "embeddings": embeddings,
             "per_layer_embeddings": per_layer(token_ids=ids)["embeddings"],
             "input_pos": positions.astype(np.int32),
             "mask": self._mask(positions),
@@ -218,9 +240,12 @@ class TextEngine:
         signature = f"prefill_{n}" if not want_logits and n in self.prefill_lengths else "decode"
         return self.core.run(signature, inputs, want_logits)
 
-    def feed(self, token_ids) -> None:
-        """Write tokens into the KV cache with the prefill signatures (no logits)."""
+    def feed(self, token_ids, soft: dict[int, np.ndarray] | None = None) -> None:
+        """Write tokens into the KV cache with the prefill signatures (no logits). `soft` maps
+        indices into `token_ids` to embeddings [H] that replace the embedder's rows there."""
         ids = np.asarray(token_ids, np.int64)
+        soft = dict(soft or {})
+        done = 0
         if self.position + len(ids) > self.cache_length:
             raise BundleError(
                 f"context full: {self.position} + {len(ids)} tokens exceed the bundle's cache length {self.cache_length}"
@@ -233,15 +258,19 @@ class TextEngine:
             usable = [n for n in self.prefill_lengths if self.position + n <= self.cache_length]
             if not usable:  # too close to the end of the cache for any prefill signature
                 for t in ids:
-                    self._run(np.array([t]), np.array([self.position]), want_logits=False)
+                    here = {0: soft[done]} if done in soft else None
+                    self._run(np.array([t]), np.array([self.position]), want_logits=False, soft=here)
                     self.position += 1
+                    done += 1
                 return
             n = min(fits) if fits else max(usable)
             chunk = ids[:n]
             real = len(chunk)
             padded = np.concatenate([chunk, np.zeros(n - real, np.int64)])
-            self._run(padded, self.position + np.arange(n), want_logits=False)
+            here = {i - done: v for i, v in soft.items() if done <= i < done + real}
+            self._run(padded, self.position + np.arange(n), want_logits=False, soft=here)
             self.position += real
+            done += real
             ids = ids[real:]
 
     def step(self, token_id: int) -> np.ndarray:

@@ -24,21 +24,20 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from converter.bundle import read_manifest, verify_bundle
 from converter.errors import BundleError
 from runtime.chat import TextStream, Tokenizer
-from runtime.engine import TEXT_BUNDLES, TextEngine, default_weight_cache_dir
+from runtime.engine import TEXT_BUNDLES, EncoderEngine, TextEngine, default_weight_cache_dir
+from runtime.media import MediaError, audio_window, load_audio, load_image
 from runtime.sampling import Sampler, SamplingConfig
 
-ENCODERS = {"image": "vision", "audio": "audio"}
+ENCODERS = {"image": "vision", "audio": "audio"}  # prompt input -> manifest "encoders" key
 
 
 class ContextFullError(BundleError):
     """The prompt does not fit in what is left of the bundle's KV cache."""
-
-
-class MediaError(BundleError):
-    """An image or audio input that cannot be read, or that the bundle cannot encode."""
 
 
 @dataclass(frozen=True)
@@ -59,30 +58,6 @@ class Generation:
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def check_media(kind: str, path: Path) -> None:
-    """Refuse unreadable media before any model work, with the reason."""
-    path = Path(path)
-    if not path.is_file():
-        raise MediaError(f"--{kind} {path}: no such file")
-    try:
-        if kind == "image":
-            from PIL import Image
-
-            with Image.open(path) as im:
-                im.verify()
-        else:
-            import wave
-
-            with wave.open(str(path), "rb") as wav:
-                if wav.getnframes() == 0:
-                    raise MediaError(f"--audio {path}: the WAV file has no samples")
-    except MediaError:
-        raise
-    except Exception as exc:  # PIL and wave raise many types for malformed files
-        what = "an image PIL can read" if kind == "image" else "a PCM WAV file"
-        raise MediaError(f"--{kind} {path} is not {what}: {exc}") from exc
 
 
 def open_bundle(folder: Path, verify: bool = False) -> dict:
@@ -115,7 +90,12 @@ class Session:
                                  weight_cache_dir=weight_cache_dir)
         tokenizer = self.manifest.get("files", {}).get("tokenizer")
         self.tokenizer = Tokenizer(self.folder / tokenizer["file"]) if tokenizer else None
-        self.encoders: dict[str, object] = {}
+        self.encoder_specs = self.manifest.get("encoders", {})
+        if self.tokenizer is not None:
+            self.tokenizer.add_special_ids(
+                i for e in self.encoder_specs.values() for i in (e["start_token_id"], e["soft_token_id"], e["end_token_id"]))
+        self.num_threads = num_threads
+        self.encoders: dict[str, EncoderEngine] = {}
         self.load_seconds = time.perf_counter() - started
         self.reset()
 
@@ -142,27 +122,51 @@ class Session:
         self.encoders.clear()
 
     # -- inputs --------------------------------------------------------------------------------
-    def _encoder(self, kind: str):
-        name = ENCODERS[kind]
-        if name not in self.encoders:
-            entry = self.manifest["bundles"].get(name)
-            if entry is None:
-                raise MediaError(
-                    f"this bundle has no {name} encoder ({name}.tflite), so it cannot take --{kind} input; "
-                    f"the bundle holds: {', '.join(self.manifest['bundles'])}"
-                )
-            raise MediaError(f"{self.folder} has a {name} bundle, but this g3n-run cannot feed {kind} embeddings yet")
-        return self.encoders[name]
+    def _encoder(self, kind: str) -> tuple[dict, EncoderEngine | None]:
+        """The encoder for `kind` ("image" / "audio"): its manifest spec, and its engine once loaded."""
+        spec = self.encoder_specs.get(ENCODERS[kind])
+        if spec is None or spec["bundle"] not in self.manifest["bundles"]:
+            raise MediaError(
+                f"this bundle has no {ENCODERS[kind]} encoder, so it cannot take --{kind} input; "
+                f"the bundle holds: {', '.join(self.manifest['bundles'])}"
+            )
+        return spec, self.encoders.get(spec["bundle"])
 
-    def _prompt_ids(self, prompt: str | list[int], raw: bool, system: str | None) -> list[int]:
+    def _encode_media(self, kind: str, path: Path) -> tuple[np.ndarray, dict]:
+        """Soft-token embeddings [N, H] of one image / clip (padding tokens of a short clip get the
+        embedding of the last audio id, as in the reference), loading the encoder on first use."""
+        spec, engine = self._encoder(kind)
+        started = time.perf_counter()
+        if kind == "image":
+            inputs = {"images": load_image(Path(path), spec["image"]["size"])}
+            cut = False
+        else:
+            features, cut = load_audio(Path(path), spec["audio"]["mel_bins"], spec["audio"]["frames"])
+            inputs = audio_window(features, spec["audio"]["frames"])
+        loaded = time.perf_counter()
+        if engine is None:
+            bundle = spec["bundle"]
+            engine = self.encoders[bundle] = EncoderEngine(self.folder / self.manifest["bundles"][bundle]["file"], bundle, self.num_threads)
+        out = engine(**inputs)
+        embeddings = out["embeddings"][0]
+        if "mask" in out:
+            padding = self.engine.embed([self.manifest["config"]["vocab_size"] - 1])[0]
+            embeddings = np.where(out["mask"][0, :, None] > 0, embeddings, padding)
+        stats = {"kind": kind, "file": str(path), "soft_tokens": int(embeddings.shape[0]),
+                 "encode_seconds": round(time.perf_counter() - loaded, 3), "truncated": cut}
+        return embeddings, stats
+
+    def _prompt_ids(self, prompt: str | list[int], raw: bool, system: str | None, media: str = "") -> list[int]:
         if not isinstance(prompt, str):
+            if media:
+                raise ValueError("an image or audio input needs a text prompt, not token ids")
             return [int(t) for t in prompt]  # token ids, used as given
         if self.tokenizer is None:
             raise BundleError(f"{self.folder} has no tokenizer.model; pass token ids, or convert with --tokenizer")
         first = self.position == 0 and not self._owed
         if raw:
-            return ([self.tokenizer.bos_id] if first else []) + self.tokenizer.encode(prompt)
-        return self.tokenizer.user_turn(prompt, system=system if first else None, first=first)
+            return ([self.tokenizer.bos_id] if first else []) + self.tokenizer.encode(media + prompt)
+        return self.tokenizer.user_turn(prompt, system=system if first else None, first=first, media=media)
 
     # -- generation ----------------------------------------------------------------------------
     def stream(self, prompt: str | list[int], *, max_new_tokens: int = 256, sampling: SamplingConfig | None = None,
@@ -174,11 +178,18 @@ class Session:
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
         started = time.perf_counter()
-        for kind, path in (("image", image), ("audio", audio)):
-            if path is not None:
-                check_media(kind, path)
-                self._encoder(kind)
-        ids = self._owed + self._prompt_ids(prompt, raw, system)
+        media = [(kind, path) for kind, path in (("image", image), ("audio", audio)) if path is not None]
+        for kind, path in media:
+            spec, _ = self._encoder(kind)  # no encoder: refused before any work
+            if not Path(path).is_file():
+                raise MediaError(f"--{kind} {path}: no such file")
+        if media and self.tokenizer is None:
+            raise BundleError(f"{self.folder} has no tokenizer.model, which image / audio prompts need")
+        media_text = "".join(
+            self.tokenizer.media_text(s["start_token_id"], s["soft_token_id"], s["soft_tokens"], s["end_token_id"])
+            for s in (self._encoder(kind)[0] for kind, _ in media)
+        )
+        ids = self._owed + self._prompt_ids(prompt, raw, system, media_text)
         if not ids:
             raise ValueError("the prompt is empty")
         free = self.cache_length - self.position
@@ -187,11 +198,18 @@ class Session:
                 f"the prompt needs {len(ids)} tokens but only {free} of the bundle's {self.cache_length} cache "
                 "positions are free; start a new conversation (reset) or convert with a larger --cache-length"
             )
+        soft, media_stats = {}, []
+        for kind, path in media:  # each image / clip fills its placeholders, in prompt order
+            embeddings, stats = self._encode_media(kind, path)
+            soft_id = self._encoder(kind)[0]["soft_token_id"]
+            slots = [i for i, t in enumerate(ids) if t == soft_id and i not in soft]
+            soft.update(zip(slots[: len(embeddings)], embeddings))
+            media_stats.append(stats)
         sampler = Sampler(sampling or SamplingConfig())
         stop_ids = self.tokenizer.stop_ids if self.tokenizer else set()
         text = TextStream(self.tokenizer) if self.tokenizer else None
         self._owed = []
-        self.engine.feed(ids[:-1])
+        self.engine.feed(ids[:-1], soft)
         logits = self.engine.step(ids[-1])
         first_token_at = None
         generated: list[int] = []
@@ -229,13 +247,15 @@ class Session:
                 "decode_tokens_per_second": round((len(generated) - 1) / decode_s, 2) if len(generated) > 1 else None,
                 "context_used": self.position,
                 "peak_rss_mib": round(peak_rss_mib(), 1),
+                "media": media_stats,
+                "loaded_bundles": self.loaded_bundles,
             },
         )
 
     def _history_tail(self, last: int, raw: bool) -> list[int]:
         """The sampled last token is not in the cache yet. A chat turn is then closed with
         <end_of_turn> and a newline, as the chat template renders a finished reply (a stop token is replaced)."""
-        if raw or self.tokenizer is None or not self.tokenizer.markers:
+        if raw or self.tokenizer is None or not self.tokenizer.has_chat:
             return [last]
         return ([] if last in self.tokenizer.stop_ids else [last]) + self.tokenizer.close_model_turn()
 

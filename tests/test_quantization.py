@@ -142,8 +142,8 @@ def test_recipe_falls_back_where_blocks_do_not_divide():
 
 def test_scheme_policy_and_threshold_check():
     assert bundle_scheme("ple", "int4") == "int4"
-    assert bundle_scheme("vision", "int4") == "int8"  # encoders default to int8 under --quant int4
-    assert bundle_scheme("vision", "int4", {"vision": "int4"}) == "int4"
+    assert bundle_scheme("vision_encoder", "int4") == "int8"  # encoders default to int8 under --quant int4
+    assert bundle_scheme("vision_encoder", "int4", {"vision_encoder": "int4"}) == "int4"
     assert bundle_scheme("text_core", "int4", {"text_core": "int8"}) == "int8"
     for metrics in THRESHOLDS.values():
         assert all(bar.reason for bar in metrics.values())

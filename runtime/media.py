@@ -1,0 +1,132 @@
+"""Images and audio clips -> the encoder bundles' inputs, with numpy and Pillow only.
+
+Image: RGB, resized to S x S (bilinear, as transformers' Gemma 3n image processor), scaled to
+[0, 1], no mean / std normalisation: [1, S, S, 3] float32.
+
+Audio: a WAV file (PCM 8/16/24/32-bit or float, any rate, mono or mixed down) resampled to 16 kHz,
+then the log-mel front end of transformers' Gemma3nAudioFeatureExtractor (32 ms Hann frames every
+10 ms, HTK pre-emphasis 0.97, FFT 1024, mel 125-7600 Hz, log(max(x, 1e-5))), tests/test_media.py
+checks it against that class. The extractor pads the waveform to a multiple of 128 samples and
+may mark the last frame as padding; that frame is dropped, since the encoder treats the window
+after the last real frame as empty. Clips longer than the encoder's window (30 s) are cut, as the
+extractor cuts them.
+"""
+
+from __future__ import annotations
+
+import math
+import wave
+from pathlib import Path
+
+import numpy as np
+
+from converter.errors import BundleError
+
+SAMPLE_RATE = 16_000
+FRAME_MS, HOP_MS = 32.0, 10.0
+MIN_HZ, MAX_HZ = 125.0, 7600.0
+PREEMPHASIS = 0.97
+MEL_FLOOR = 1e-5
+PAD_TO_MULTIPLE = 128  # samples, as the reference extractor pads
+MAX_SECONDS = 30.0  # the reference extractor's cut
+
+
+class MediaError(BundleError):
+    """An image or audio input that cannot be read, or that the bundle cannot encode."""
+
+
+def load_image(path: Path, size: int) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            rgb = im.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise MediaError(f"{path} is not an image Pillow can read: {exc}") from exc
+    return (np.asarray(rgb, np.float32) / np.float32(255.0))[None]
+
+
+def read_wav(path: Path) -> tuple[np.ndarray, int]:
+    """Samples in [-1, 1] (mono, float32) and the sample rate."""
+    try:
+        with wave.open(str(path), "rb") as wav:
+            channels, width, rate, count = wav.getnchannels(), wav.getsampwidth(), wav.getframerate(), wav.getnframes()
+            raw = wav.readframes(count)
+    except (OSError, EOFError, wave.Error) as exc:
+        raise MediaError(f"{path} is not a PCM WAV file: {exc}") from exc
+    if count == 0 or not raw:
+        raise MediaError(f"{path} has no audio samples")
+    if width == 1:
+        samples = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128) / 128
+    elif width == 3:
+        b = np.frombuffer(raw, np.uint8).reshape(-1, 3).astype(np.int32)
+        samples = ((b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)) << 8 >> 8).astype(np.float32) / 2**23
+    elif width in (2, 4):
+        samples = np.frombuffer(raw, f"<i{width}").astype(np.float32) / 2 ** (8 * width - 1)
+    else:
+        raise MediaError(f"{path}: {8 * width}-bit WAV samples are not supported")
+    samples = samples[: len(samples) // channels * channels].reshape(-1, channels).mean(axis=1)
+    return samples.astype(np.float32), rate
+
+
+def resample(samples: np.ndarray, rate: int, target: int = SAMPLE_RATE) -> np.ndarray:
+    if rate == target:
+        return samples
+    from scipy.signal import resample_poly
+
+    g = math.gcd(rate, target)
+    return resample_poly(samples, target // g, rate // g).astype(np.float32)
+
+
+def mel_filters(mel_bins: int, fft_length: int) -> np.ndarray:
+    """HTK-mel triangular filters [fft_length // 2 + 1, mel_bins], unnormalised."""
+    freqs = np.arange(fft_length // 2 + 1, dtype=np.float32) * (SAMPLE_RATE / fft_length)
+    to_mel = lambda hz: 2595.0 * math.log10(1.0 + hz / 700.0)
+    points = 700.0 * (10 ** (np.linspace(to_mel(MIN_HZ), to_mel(MAX_HZ), mel_bins + 2) / 2595.0) - 1.0)
+    width = points[1:] - points[:-1]
+    slopes = points[None, :] - freqs[:, None]
+    down, up = -slopes[:, :-2] / width[:-1], slopes[:, 2:] / width[1:]
+    return np.maximum(np.zeros(1, np.float32), np.minimum(down, up))
+
+
+def log_mel(samples: np.ndarray, mel_bins: int) -> np.ndarray:
+    """[frames, mel_bins] float32 log-mel features of a 16 kHz clip."""
+    frame = int(round(SAMPLE_RATE * FRAME_MS / 1000))
+    hop = int(round(SAMPLE_RATE * HOP_MS / 1000))
+    fft_length = 2 * 2 ** math.ceil(math.log2(frame))  # "FFT overdrive": twice the frame's power of two
+    real = len(samples)
+    padded = np.zeros(-(-real // PAD_TO_MULTIPLE) * PAD_TO_MULTIPLE, np.float32)
+    padded[:real] = samples
+    if len(padded) < frame + 1:
+        raise MediaError(f"the clip is too short ({real} samples at 16 kHz; at least {frame + 1} are needed)")
+    count = (len(padded) - frame - 1) // hop + 1
+    windows = np.lib.stride_tricks.as_strided(padded, (count, frame + 1), (padded.strides[0] * hop, padded.strides[0]))
+    # HTK pre-emphasis: the first sample of each window is scaled, the rest differenced.
+    frames = np.concatenate([windows[:, :1] * (1.0 - PREEMPHASIS), windows[:, 1:-1] - PREEMPHASIS * windows[:, :-2]], axis=1)
+    hann = (0.5 * (1 - np.cos(2 * np.pi * np.arange(frame, dtype=np.float32) / frame))).astype(np.float32)
+    spectrum = np.abs(np.fft.rfft(frames * hann, n=fft_length, axis=-1))
+    features = np.log(np.maximum(spectrum @ mel_filters(mel_bins, fft_length), MEL_FLOOR)).astype(np.float32)
+    real_frames = -(-real // hop)  # frames that start on a real sample
+    return features[:real_frames]
+
+
+def load_audio(path: Path, mel_bins: int, max_frames: int) -> tuple[np.ndarray, bool]:
+    """Log-mel features [frames, mel_bins] of a WAV file, at most `max_frames`, and whether the
+    clip was cut to fit."""
+    samples, rate = read_wav(path)
+    samples = resample(samples, rate)
+    hop = int(round(SAMPLE_RATE * HOP_MS / 1000))
+    max_samples = min(int(MAX_SECONDS * SAMPLE_RATE), max_frames * hop)
+    cut = len(samples) > max_samples
+    features = log_mel(samples[:max_samples], mel_bins)
+    return features[:max_frames], cut
+
+
+def audio_window(features: np.ndarray, frames: int) -> dict[str, np.ndarray]:
+    """The audio encoder's inputs: features zero-padded to its window, and the real-frame mask."""
+    n = min(len(features), frames)
+    window = np.zeros((1, frames, features.shape[1]), np.float32)
+    window[0, :n] = features[:n]
+    mask = np.zeros((1, frames), np.int32)
+    mask[0, :n] = 1
+    return {"features": window, "mask": mask}
