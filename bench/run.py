@@ -26,11 +26,12 @@ CONVERT = [sys.executable, "-m", "converter.cli"]
 
 # (label, g3n-convert arguments, bundles): one process per bundle, so each peak belongs to one
 # bundle; the runtime cases run on the folder assembled from these.
+ALL = ["embedder", "ple", "text_core", "vision_encoder", "audio_encoder"]
 CASES = [
-    ("tiny (checkpoint)", ["--prefill-lengths", "8,32", "--cache-length", "256"], ["embedder", "ple", "text_core"]),
+    ("tiny (checkpoint)", ["--prefill-lengths", "8,32", "--cache-length", "256"], ALL),
     ("e2b int4 (random weights)", ["--variant", "e2b", "--random-weights", "--quant", "int4", "--no-quality-report",
                                    "--prefill-lengths", "128,512", "--cache-length", "1280", "--tokenizer", "<e2b tokenizer>"],
-     ["embedder", "ple", "text_core"]),
+     ALL),
 ]
 # The main command as a user runs it: every bundle in one process, quality report included.
 WHOLE_CASES = [
@@ -42,10 +43,13 @@ MEMORY_TARGET = 16 * 2**30  # conversion peak RSS target on this 24 GiB machine
 # `compiled` is g3n-run; `litert-lm` is the same folder packed as .litertlm and run by LiteRT-LM's
 # Python engine; `interpreter` is g3n's whole-cache-through-Python loop. Engines with an XNNPACK
 # weight cache get one extra first run that builds it (the "cold" row).
+# `compiled+image` / `compiled+audio`: g3n-run with an image / a 10 s clip in the prompt as well,
+# so the encoder is loaded and run (its soft tokens add 256 / 188 prompt tokens).
 RUN_CASES = [
     ("tiny (checkpoint)", [64, 200], ["compiled", "interpreter"]),
+    ("tiny (checkpoint)", [64], ["compiled+image", "compiled+audio"]),
     ("e2b int4 (random weights)", [128, 512, 1024], ["compiled", "litert-lm"]),
-    ("e2b int4 (random weights)", [128], ["interpreter"]),
+    ("e2b int4 (random weights)", [128], ["interpreter", "compiled+image", "compiled+audio"]),
 ]
 CACHED_ENGINES = ("compiled", "litert-lm")
 LITERTLM_PYTHON = ROOT / ".venv-litertlm" / "bin" / "python"
@@ -99,6 +103,7 @@ def assemble(parts: list[Path], dest: Path) -> Path:
             manifest = m
         else:
             manifest["bundles"].update(m["bundles"])
+            manifest.setdefault("encoders", {}).update(m.get("encoders", {}))
     (dest / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return dest
 
@@ -226,8 +231,10 @@ def run_generation(folder: Path, prompt_tokens: int, engine: str, scratch: Path)
         return {"load_seconds": lm["load_s"], "time_to_first_token_seconds": lm["ttft_s"],
                 "prefill_tokens_per_second": lm["prefill_tok_s"], "decode_tokens_per_second": lm["decode_tok_s"],
                 "weight_cache": "loaded" if lm["weight_cache_warm"] else "built", "peak_rss": result["peak_rss"]}
+    backend, _, medium = engine.partition("+")
     stdout, result = measured_run([sys.executable, str(ROOT / "bench" / "runtime_case.py"), str(folder),
-                                   "--prompt-tokens", str(prompt_tokens), "--new-tokens", str(NEW_TOKENS), "--backend", engine])
+                                   "--prompt-tokens", str(prompt_tokens), "--new-tokens", str(NEW_TOKENS), "--backend", backend,
+                                   *(["--media", medium] if medium else [])])
     if "error" in result:
         return result
     return {**json.loads(stdout.strip().splitlines()[-1]), "peak_rss": result["peak_rss"]}
@@ -250,8 +257,11 @@ def runtime_table(results: list, budgets: dict[str, int]) -> list[str]:
         "place); `litert-lm` is the same folder packed as .litertlm (bench/litertlm.py) and run by LiteRT-LM's "
         "Python engine (litert-lm-api 0.18.1, its own Benchmark timings); `interpreter` passes the whole cache "
         "through Python each call (for comparison). Both g3n-run and LiteRT-LM keep XNNPACK's packed weights in a "
-        "cache file: the first load builds it (`built`), later loads map it (`loaded`). Text bundles only: no encoder "
-        "bundle exists yet, so none is loaded. RSS / budget: peak RSS over (text bundle bytes + KV cache).",
+        "cache file: the first load builds it (`built`), later loads map it (`loaded`). `compiled+image` / "
+        "`compiled+audio` add a random 768x768 image / a 10 s clip to the prompt, so the vision / audio encoder "
+        "loads and runs (its encode time is inside time to first token; prompt tokens count the soft tokens); "
+        "every other row loads no encoder. RSS / budget: peak RSS over (text bundle bytes + KV cache, plus the "
+        "loaded encoder's bytes).",
         "",
         "| bundle | engine | prompt tokens | weight cache | load | time to first token | prefill tok/s | decode tok/s | ms/token | peak RSS | RSS / budget |",
         "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -262,9 +272,11 @@ def runtime_table(results: list, budgets: dict[str, int]) -> list[str]:
             continue
         rate = r["decode_tokens_per_second"]
         budget = budgets.get(label)
+        if budget and "+" in engine:
+            budget += r.get("encoder_bytes", 0)
         ratio = f"{r['peak_rss'] / budget:.2f}" if budget and not label.startswith("tiny") else ""
         lines.append(
-            f"| {label} | {engine} | {n} | {r.get('weight_cache', 'off')} | {r['load_seconds']:.2f} s | "
+            f"| {label} | {engine} | {r.get('prompt_tokens', n)} | {r.get('weight_cache', 'off')} | {r['load_seconds']:.2f} s | "
             f"{r['time_to_first_token_seconds']:.3f} s | {r['prefill_tokens_per_second']:.1f} | {rate:.2f} | "
             f"{1000 / rate:.1f} | {r['peak_rss'] / 2**20:,.0f} MiB | {ratio} |"
         )

@@ -56,6 +56,10 @@ THRESHOLDS: dict[tuple[str, str], dict[str, Threshold]] = {
     ("ple", "int4"): {"cosine": Threshold(0.98, "one row's int4 rounding; healthy tables score >= 0.99")},
     ("text_core", "int8"): {"cosine": Threshold(0.99, "the errors of hundreds of int8 matmuls compound through the layers")},
     ("text_core", "int4"): {"cosine": Threshold(0.9, "int4 matmul errors compound through every layer")},
+    ("vision_encoder", "int8"): {"cosine": Threshold(0.98, "int8 rounding compounds through MobileNet-V5's ~80 blocks")},
+    ("audio_encoder", "int8"): {"cosine": Threshold(0.98, "int8 rounding compounds through the conformer's layers")},
+    ("vision_encoder", "int4"): {"cosine": Threshold(0.9, "int4 projections on top of int8 convolutions")},
+    ("audio_encoder", "int4"): {"cosine": Threshold(0.9, "int4 rounding in every conformer projection")},
     ("text_path", "int8"): {
         "top1_agreement": Threshold(0.9, "int8 rarely changes the argmax except between near-tied tokens"),
         "mean_kl": Threshold(0.05, "nats; int8 noise moves the distribution only slightly", higher_is_better=False),
@@ -103,6 +107,31 @@ def token_bundle_cosine(float_path: Path, quant_path: Path, bundle: str, prompts
     a = np.stack([ref(token_ids=np.array([[t]], np.int32))["embeddings"] for t in ids])
     b = np.stack([got(token_ids=np.array([[t]], np.int32))["embeddings"] for t in ids])
     return cosine(a, b)
+
+
+def encoder_inputs(entry: dict) -> dict[str, np.ndarray]:
+    """Fixed inputs for an encoder bundle (manifest "encoders" entry): a seeded random image; a
+    seeded 3-second chirp in noise through the log-mel front end."""
+    from runtime.media import audio_window, log_mel
+
+    rng = np.random.default_rng(RANDOM_PROMPT_SEED)
+    if "image" in entry:
+        size = entry["image"]["size"]
+        return {"images": rng.random((1, size, size, 3), dtype=np.float32)}
+    t = np.arange(3 * 16000) / 16000
+    clip = 0.4 * np.sin(2 * np.pi * (200 + 600 * t) * t) + 0.05 * rng.standard_normal(t.size)
+    return audio_window(log_mel(clip.astype(np.float32), entry["audio"]["mel_bins"]), entry["audio"]["frames"])
+
+
+def encoder_cosine(float_path: Path, quant_path: Path, entry: dict) -> float:
+    """Cosine of an encoder's soft tokens (the clip's real ones for audio), quantized vs float."""
+    from runtime.engine import EncoderEngine
+
+    inputs = encoder_inputs(entry)
+    ref = EncoderEngine(float_path, entry["bundle"])(**inputs)
+    got = EncoderEngine(quant_path, entry["bundle"])(**inputs)
+    keep = ref["mask"][0] > 0 if "mask" in ref else slice(None)
+    return cosine(ref["embeddings"][0][keep], got["embeddings"][0][keep])
 
 
 def teacher_forced_logits(engine, prompts: list[list[int]]) -> np.ndarray:
@@ -161,6 +190,11 @@ def quality_report(folder: Path, manifest: dict, float_files: dict[str, Path], s
     for name in ("embedder", "ple"):
         if name in float_files:
             results[name] = {"cosine": round(token_bundle_cosine(float_files[name], folder / bundles[name]["file"], name, prompts), 5)}
+
+    for entry in manifest.get("encoders", {}).values():
+        name = entry["bundle"]
+        if name in float_files:
+            results[name] = {"cosine": round(encoder_cosine(float_files[name], folder / bundles[name]["file"], entry), 5)}
 
     unscored = dict(unscored or {})
     if all(name in bundles for name in TEXT_BUNDLES) and unscored:

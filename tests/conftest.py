@@ -48,20 +48,25 @@ def tiny_bundle(tiny_mm_checkpoint, tmp_path_factory) -> Path:
     return out
 
 
-def _quantized_tiny_bundle(scheme: str, checkpoint: Path, tmp_path_factory) -> Path:
+def _quantized_tiny_bundle(scheme: str, checkpoint: Path, tmp_path_factory, bundles=None) -> Path:
     from converter.pipeline import ConvertOptions, convert
 
     artifacts = os.environ.get("G3N_ARTIFACTS")
     out = Path(artifacts) / f"tiny-{scheme}" if artifacts else tmp_path_factory.mktemp("bundle") / f"tiny-{scheme}"
-    convert(ConvertOptions(out=out, checkpoint=checkpoint, quant=scheme, prefill_lengths=TINY_PREFILL, cache_length=TINY_CACHE))
+    convert(ConvertOptions(out=out, checkpoint=checkpoint, quant=scheme, prefill_lengths=TINY_PREFILL,
+                           cache_length=TINY_CACHE, bundles=bundles))
     return out
 
 
 @pytest.fixture(scope="session")
 def tiny_int8_bundle(tiny_mm_checkpoint, tmp_path_factory) -> Path:
+    """Every bundle, the encoders included."""
     return _quantized_tiny_bundle("int8", tiny_mm_checkpoint, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def tiny_int4_bundle(tiny_mm_checkpoint, tmp_path_factory) -> Path:
-    return _quantized_tiny_bundle("int4", tiny_mm_checkpoint, tmp_path_factory)
+    """The text bundles only (converting the tiny MobileNet-V5 takes a minute)."""
+    from converter.pipeline import TEXT_BUNDLES
+
+    return _quantized_tiny_bundle("int4", tiny_mm_checkpoint, tmp_path_factory, TEXT_BUNDLES)

@@ -217,21 +217,21 @@ def test_cli_verify_catches_a_bit_flip(tiny_bundle, tmp_path):
     assert result.exit_code != 0 and "ple.tflite: sha256 differs" in result.stderr
 
 
-def test_cli_media_errors(tiny_bundle, tmp_path):
+def test_cli_media_errors(tiny_bundle, tiny_int4_bundle, tmp_path):
     from PIL import Image
 
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
     result = run_cli(tiny_bundle, "--prompt", "Describe", "--image", broken)
-    assert result.exit_code != 0 and "is not an image PIL can read" in result.stderr
+    assert result.exit_code != 0 and "is not an image Pillow can read" in result.stderr
     missing = run_cli(tiny_bundle, "--prompt", "Describe", "--audio", tmp_path / "nope.wav")
     assert missing.exit_code != 0 and "no such file" in missing.stderr
     picture = tmp_path / "ok.png"
     Image.new("RGB", (8, 8), "red").save(picture)
-    no_encoder = run_cli(tiny_bundle, "--prompt", "Describe", "--image", picture)
+    no_encoder = run_cli(tiny_int4_bundle, "--prompt", "Describe", "--image", picture)  # text bundles only
     assert no_encoder.exit_code != 0 and "has no vision encoder" in no_encoder.stderr
     with pytest.raises(MediaError):
-        Session(tiny_bundle).generate("Describe", image=picture)
+        Session(tiny_int4_bundle).generate("Describe", image=picture)
 
 
 def test_cli_prompt_longer_than_context(tiny_bundle):

@@ -1,0 +1,153 @@
+"""The vision and audio encoder bundles and image / audio prompts, against transformers."""
+
+from __future__ import annotations
+
+import json
+import wave
+
+import numpy as np
+import pytest
+import torch
+from transformers import Gemma3nAudioFeatureExtractor, Gemma3nForConditionalGeneration
+
+from runtime import MediaError, Session
+from runtime.engine import EncoderEngine
+from runtime.media import audio_window, load_audio, load_image, log_mel
+
+# Float32 convolutions and matmuls summed in another order over MobileNet-V5's ~80 blocks / the
+# conformer; measured differences are ~3e-6 on outputs of magnitude ~2.5.
+ENCODER_ATOL = 1e-4
+NEW_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_mm_checkpoint):
+    return Gemma3nForConditionalGeneration.from_pretrained(
+        tiny_mm_checkpoint, attn_implementation="eager", dtype=torch.float32
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("media")
+    rng = np.random.default_rng(0)
+    picture = folder / "picture.png"
+    Image.fromarray((rng.random((90, 120, 3)) * 255).astype(np.uint8)).save(picture)
+    clip = folder / "clip.wav"  # 0.45 s at 16 kHz: a chirp plus noise
+    t = np.arange(7200) / 16000
+    samples = 0.4 * np.sin(2 * np.pi * (300 + 900 * t) * t) + 0.05 * rng.standard_normal(t.size)
+    with wave.open(str(clip), "wb") as wav:
+        wav.setnchannels(1), wav.setsampwidth(2), wav.setframerate(16000)
+        wav.writeframes((samples * 32767).astype("<i2").tobytes())
+    return picture, clip, samples.astype(np.float32)
+
+
+def manifest(folder):
+    return json.loads((folder / "manifest.json").read_text())
+
+
+def test_manifest_describes_the_encoders(tiny_bundle):
+    m = manifest(tiny_bundle)
+    vision, audio = m["encoders"]["vision"], m["encoders"]["audio"]
+    assert vision["bundle"] == "vision_encoder" and vision["image"]["size"] == 768 and vision["soft_tokens"] == 4
+    assert audio["audio"]["frames"] == 4 * 16  # 2 stride-2 convolutions, then every 4th frame
+    sig = m["bundles"]["audio_encoder"]["signatures"]["audio_encoder"]
+    assert sig["inputs"]["features"]["shape"] == [1, 64, 32] and sig["outputs"]["mask"]["shape"] == [1, 4]
+    assert m["bundles"]["vision_encoder"]["signatures"]["vision_encoder"]["outputs"]["embeddings"]["shape"] == [1, 4, 64]
+
+
+def test_vision_bundle_matches_transformers(tiny_bundle, reference, media):
+    picture, _, _ = media
+    image = load_image(picture, 768)
+    got = EncoderEngine(tiny_bundle / "vision_encoder.tflite", "vision_encoder")(images=image)["embeddings"]
+    with torch.no_grad():
+        expected = reference.model.get_image_features(torch.from_numpy(image).permute(0, 3, 1, 2)).pooler_output
+    np.testing.assert_allclose(got, expected.numpy(), atol=ENCODER_ATOL, rtol=0)
+
+
+def test_audio_bundle_matches_transformers(tiny_bundle, reference, media):
+    _, _, samples = media
+    features = log_mel(samples, 32)
+    inputs = audio_window(features, 64)
+    out = EncoderEngine(tiny_bundle / "audio_encoder.tflite", "audio_encoder")(**inputs)
+    with torch.no_grad():
+        ref = reference.model.get_audio_features(torch.from_numpy(features)[None], torch.zeros(1, len(features), dtype=torch.bool))
+    n = ref.pooler_output.shape[1]  # ceil(45 frames / 16) = 3 soft tokens of the clip
+    assert n == 3 and out["mask"].tolist() == [[1, 1, 1, 0]]
+    np.testing.assert_allclose(out["embeddings"][:, :n], ref.pooler_output.numpy(), atol=ENCODER_ATOL, rtol=0)
+
+
+def test_log_mel_equals_transformers_feature_extractor():
+    for length, bins in ((7200, 32), (3 * 16000 + 77, 128)):
+        samples = (np.random.default_rng(length).standard_normal(length) * 0.1).astype(np.float32)
+        ref = Gemma3nAudioFeatureExtractor(feature_size=bins)(samples)
+        ours = log_mel(samples, bins)
+        mask = ref["input_features_mask"][0]
+        np.testing.assert_array_equal(ours, ref["input_features"][0][: mask.sum()])
+
+
+def multimodal_ids(tok, spec: dict, text: str) -> list[int]:
+    """The prompt as transformers' Gemma3nProcessor lays it out: each medium as
+    \\n\\n<start> + soft tokens + <end>\\n\\n before the text, in a user turn."""
+    ids = [tok.bos_id, tok.markers["<start_of_turn>"]] + tok.sp.encode("user\n\n\n")
+    for i, (kind, s) in enumerate(spec.items()):
+        if i:
+            ids += tok.sp.encode("\n\n\n\n")
+        ids += [s["start_token_id"]] + [s["soft_token_id"]] * s["soft_tokens"] + [s["end_token_id"]]
+    ids += tok.sp.encode("\n\n" + text) + [tok.markers["<end_of_turn>"]] + tok.sp.encode("\n")
+    return ids + [tok.markers["<start_of_turn>"]] + tok.sp.encode("model\n")
+
+
+def test_image_and_audio_prompt_greedy_matches_transformers(tiny_bundle, reference, media):
+    picture, clip, _ = media
+    session = Session(tiny_bundle)
+    assert session.loaded_bundles == ["text_core", "embedder", "ple"]
+    result = session.generate("Describe both.", image=picture, audio=clip, max_new_tokens=NEW_TOKENS)
+    assert session.loaded_bundles == ["text_core", "embedder", "ple", "vision_encoder", "audio_encoder"]
+
+    specs = manifest(tiny_bundle)["encoders"]
+    ids = multimodal_ids(session.tokenizer, {"vision": specs["vision"], "audio": specs["audio"]}, "Describe both.")
+    assert result.stats["prompt_tokens"] == len(ids)
+    features, _ = load_audio(clip, 32, 64)
+    with torch.no_grad():
+        out = reference.generate(
+            torch.tensor([ids]),
+            pixel_values=torch.from_numpy(load_image(picture, 768)).permute(0, 3, 1, 2),
+            input_features=torch.from_numpy(features)[None],
+            input_features_mask=torch.ones(1, len(features), dtype=torch.bool),
+            max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=sorted(session.tokenizer.stop_ids), pad_token_id=0,
+        )
+    assert result.token_ids == out[0, len(ids):].tolist()
+    assert [m["kind"] for m in result.stats["media"]] == ["image", "audio"]
+
+    # A follow-up text turn loads nothing new; releasing drops the encoders.
+    session.generate("Again?", max_new_tokens=2)
+    session.release_encoders()
+    assert session.loaded_bundles == ["text_core", "embedder", "ple"]
+
+
+def test_quantized_encoders(tiny_int8_bundle):
+    m = manifest(tiny_int8_bundle)
+    for name in ("vision_encoder", "audio_encoder"):
+        entry = m["bundles"][name]
+        assert entry["quantization"]["scheme"] == "int8"
+        assert entry["quality"]["cosine"] >= 0.99, name
+    assert m["bundles"]["vision_encoder"]["bits_per_weight"] < 16  # the 1x1 convolutions are int8 too
+
+
+def test_bad_media_is_a_clear_error(tiny_bundle, tiny_int4_bundle, tmp_path, media):
+    picture, clip, _ = media
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    session = Session(tiny_bundle)
+    with pytest.raises(MediaError, match="is not an image"):
+        session.generate("Describe", image=broken)
+    not_wav = tmp_path / "clip.wav"
+    not_wav.write_bytes(b"RIFF....WAVEfmt nonsense")
+    with pytest.raises(MediaError, match="is not a PCM WAV file"):
+        session.generate("Describe", audio=not_wav)
+    assert session.position == 0 and session.loaded_bundles == ["text_core", "embedder", "ple"]  # nothing ran
+    with pytest.raises(MediaError, match="has no vision encoder"):
+        Session(tiny_int4_bundle).generate("Describe", image=picture)
