@@ -8,15 +8,15 @@ import pytest
 from ai_edge_litert.interpreter import Interpreter
 
 from converter.checkpoint import RandomWeights, SafetensorsCheckpoint, expected_shapes
-from converter.config import load_hf_config, variant_config
+from converter.config import load_hf_config, variant_config, variant_encoders
 from converter.errors import ExportError
-from converter.export import build_module, convert_to_tflite, text_bundle_plans
+from converter.export import build_module, convert_to_tflite, encoder_bundle_plan, text_bundle_plans
 from converter.standins import StandIn, materialize_with_standins
 from quant.recipes import plan_quantization, quantize_file
 from quant.streaming import folded_scale, write_bundle
 from tests.conftest import TINY_CACHE, TINY_PREFILL
 
-BUNDLES = ("embedder", "ple", "text_core")
+BUNDLES = ("embedder", "ple", "text_core", "audio_encoder")
 
 
 @pytest.fixture(scope="module")
@@ -24,10 +24,11 @@ def standin_conversions(tiny_mm_checkpoint, tmp_path_factory):
     """The tiny bundles converted with every linear layer and table as a stand-in (the default
     threshold leaves the tiny model's weights real): bundle -> (converted file, stand-ins, plan)."""
     _, cfg = load_hf_config(tiny_mm_checkpoint)
-    source = SafetensorsCheckpoint(tiny_mm_checkpoint, cfg, expected_shapes(cfg))
+    audio = variant_encoders("tiny")["audio"]
+    source = SafetensorsCheckpoint(tiny_mm_checkpoint, cfg, expected_shapes(cfg, [audio]))
     folder = tmp_path_factory.mktemp("standins")
     converted = {}
-    for plan in text_bundle_plans(cfg, TINY_PREFILL, TINY_CACHE):
+    for plan in [*text_bundle_plans(cfg, TINY_PREFILL, TINY_CACHE), encoder_bundle_plan(audio)]:
         module, standins = materialize_with_standins(build_module(plan, cfg), plan.weights_prefix, source, min_elements=0)
         convert_to_tflite(plan, module, folder / plan.file)
         converted[plan.name] = (folder / plan.file, standins, module)
@@ -48,6 +49,8 @@ def signature_outputs(path) -> dict:
                 feeds[key] = rng.integers(0, 400, shape).astype(np.int32)
             elif key == "input_pos":
                 feeds[key] = np.arange(shape[0], dtype=np.int32)
+            elif key == "mask" and detail["dtype"] == np.int32:  # the audio encoder's real-frame mask
+                feeds[key] = (np.arange(shape[-1]) < shape[-1] * 2 // 3).astype(np.int32)[None]
             elif key == "mask":
                 feeds[key] = np.zeros(shape, np.float32)
             else:
@@ -69,6 +72,10 @@ def test_standins_cover_every_linear_and_table(standin_conversions):
     _, standins, _ = converted["text_core"]
     names = {s.name for s in standins.values()}
     assert "decoder.lm_head.weight" in names and "decoder.layers.0.mlp.up_proj.weight" in names
+    _, audio_standins, _ = converted["audio_encoder"]
+    names = {s.name for s in audio_standins.values()}
+    assert "audio_encoder.tower.conformer.0.ffw_layer_start.ffw_layer_1.weight" in names
+    assert not any("pos_proj" in n for n in names)  # folded into a constant by the converter: kept real
     _, ple_standins, _ = converted["ple"]
     (table,) = ple_standins.values()
     assert table.standin_shape[0] < table.shape[0]  # converted with a few rows, written in full
@@ -156,3 +163,14 @@ def test_weight_sources_read_row_slices(tiny_mm_checkpoint):
     _, real_cfg = load_hf_config(tiny_mm_checkpoint)
     checkpoint = SafetensorsCheckpoint(tiny_mm_checkpoint, real_cfg, expected_shapes(real_cfg))
     np.testing.assert_array_equal(checkpoint.read_rows(name, 10, 20), checkpoint.tensor(name)[10:20].numpy())
+
+
+def test_streamed_conv_quantization_equals_ai_edge_quantizer(tiny_bundle, tmp_path):
+    """The vision encoder's int8 CONV_2D filters (per output channel), written by the writer from
+    the float bundle, against ai-edge-quantizer's pass over the same file."""
+    plan = plan_quantization("vision_encoder", "int8", 32, None)
+    streamed, reference = tmp_path / "streamed.tflite", tmp_path / "aeq.tflite"
+    write_bundle(tiny_bundle / "vision_encoder.tflite", streamed, plan)
+    quantize_file(tiny_bundle / "vision_encoder.tflite", reference, plan)
+    assert_same_outputs(streamed, reference)
+    assert streamed.stat().st_size < 0.5 * (tiny_bundle / "vision_encoder.tflite").stat().st_size
