@@ -29,6 +29,8 @@ demo: setup
 	[print(f\"  {k:<10} {v['file']:<18} {v['bytes']:>10,d} bytes  {v['parameters']:>10,d} params  signatures: {', '.join(v['signatures'])}\") for k, v in m['bundles'].items()]"
 	$(BIN)/g3n-convert --checkpoint $(DEMO)/checkpoint --out $(DEMO)/bundle-int4 --quant int4 --prefill-lengths 8,32 --cache-length 256
 	$(BIN)/g3n-run $(DEMO)/bundle-int4 --prompt "Tell me about foxes." --max-new-tokens 24 --stats
+	$(BIN)/python -c "from PIL import Image; Image.radial_gradient('L').convert('RGB').save('$(DEMO)/picture.png')"
+	$(BIN)/g3n-run $(DEMO)/bundle-int4 --prompt "What is in the picture?" --image $(DEMO)/picture.png --max-new-tokens 12 --stats
 
 artifacts: setup
 	$(BIN)/python -m converter.tiny_checkpoint artifacts/tiny-checkpoint

@@ -13,6 +13,7 @@ import math
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,6 +53,7 @@ RUN_CASES = [
     ("e2b int4 (random weights)", [128], ["interpreter", "compiled+image", "compiled+audio"]),
 ]
 CACHED_ENGINES = ("compiled", "litert-lm")
+PAIRED_REPEATS = 3  # interleaved runs per point when g3n-run and LiteRT-LM are compared
 LITERTLM_PYTHON = ROOT / ".venv-litertlm" / "bin" / "python"
 NEW_TOKENS = 32
 INT4_IDEAL_BITS = 4 + 16 / 32  # 4-bit weights plus one fp16 scale per block of 32
@@ -240,6 +242,26 @@ def run_generation(folder: Path, prompt_tokens: int, engine: str, scratch: Path)
     return {**json.loads(stdout.strip().splitlines()[-1]), "peak_rss": result["peak_rss"]}
 
 
+def summarize(runs: list) -> list:
+    """One row per (case, engine, prompt length): a cold (cache-building) run as it was, repeated
+    warm runs as the median of each figure, with "repeats" saying how many."""
+    groups: dict[tuple, list] = {}
+    out = []
+    for label, engine, n, r in runs:
+        if "error" in r or r.get("weight_cache") == "built":
+            out.append((label, engine, n, r))
+        else:
+            groups.setdefault((label, engine, n), []).append(r)
+    for (label, engine, n), results in groups.items():
+        merged = dict(results[0])
+        for key, value in results[0].items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                merged[key] = statistics.median(r[key] for r in results)
+        merged["repeats"] = len(results)
+        out.append((label, engine, n, merged))
+    return out
+
+
 def text_weights_and_cache(folder: Path) -> int:
     """Bytes of the text bundles plus the KV cache: what a text-only session must hold."""
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -260,15 +282,16 @@ def runtime_table(results: list, budgets: dict[str, int]) -> list[str]:
         "cache file: the first load builds it (`built`), later loads map it (`loaded`). `compiled+image` / "
         "`compiled+audio` add a random 768x768 image / a 10 s clip to the prompt, so the vision / audio encoder "
         "loads and runs (its encode time is inside time to first token; prompt tokens count the soft tokens); "
-        "every other row loads no encoder. RSS / budget: peak RSS over (text bundle bytes + KV cache, plus the "
-        "loaded encoder's bytes).",
+        "every other row loads no encoder. Rows with warm caches are the median of their runs (`runs`); g3n-run "
+        f"and LiteRT-LM run interleaved, {PAIRED_REPEATS} times per prompt length. RSS / budget: peak RSS over (text "
+        "bundle bytes + KV cache, plus the loaded encoder's bytes).",
         "",
-        "| bundle | engine | prompt tokens | weight cache | load | time to first token | prefill tok/s | decode tok/s | ms/token | peak RSS | RSS / budget |",
-        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| bundle | engine | prompt tokens | weight cache | runs | load | time to first token | prefill tok/s | decode tok/s | ms/token | peak RSS | RSS / budget |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for label, engine, n, r in results:
         if "error" in r:
-            lines.append(f"| {label} | {engine} | {n} | | failed: {r['error']} | | | | | | |")
+            lines.append(f"| {label} | {engine} | {n} | | | failed: {r['error']} | | | | | | |")
             continue
         rate = r["decode_tokens_per_second"]
         budget = budgets.get(label)
@@ -276,7 +299,7 @@ def runtime_table(results: list, budgets: dict[str, int]) -> list[str]:
             budget += r.get("encoder_bytes", 0)
         ratio = f"{r['peak_rss'] / budget:.2f}" if budget and not label.startswith("tiny") else ""
         lines.append(
-            f"| {label} | {engine} | {r.get('prompt_tokens', n)} | {r.get('weight_cache', 'off')} | {r['load_seconds']:.2f} s | "
+            f"| {label} | {engine} | {r.get('prompt_tokens', n):.0f} | {r.get('weight_cache', 'off')} | {r.get('repeats', 1)} | {r['load_seconds']:.2f} s | "
             f"{r['time_to_first_token_seconds']:.3f} s | {r['prefill_tokens_per_second']:.1f} | {rate:.2f} | "
             f"{1000 / rate:.1f} | {r['peak_rss'] / 2**20:,.0f} MiB | {ratio} |"
         )
@@ -383,16 +406,19 @@ def main() -> None:
         for label, lengths, engines in RUN_CASES:
             if label not in folders:
                 continue
-            for engine in engines:
-                if engine == "litert-lm" and not LITERTLM_PYTHON.exists():
-                    print("skipping litert-lm: `make bench` installs it into .venv-litertlm", flush=True)
-                    continue
-                first = [lengths[0]] if engine in CACHED_ENGINES else []  # builds the weight cache
-                for n in first + lengths:
-                    print(f"running {label} {engine} prompt {n} ...", flush=True)
-                    result = run_generation(folders[label], n, engine, tmp)
-                    runs.append((label, engine, n, result))
-                    print(f"  {result}", flush=True)
+            if "litert-lm" in engines and not LITERTLM_PYTHON.exists():
+                print("skipping litert-lm: `make bench` installs it into .venv-litertlm", flush=True)
+                engines = [e for e in engines if e != "litert-lm"]
+            jobs = [(e, lengths[0]) for e in engines if e in CACHED_ENGINES]  # cold: builds the weight cache
+            # Engines compared side by side run interleaved, several times: the median is what counts.
+            repeats = PAIRED_REPEATS if "litert-lm" in engines else 1
+            jobs += [(e, n) for _ in range(repeats) for n in lengths for e in engines]
+            for engine, n in jobs:
+                print(f"running {label} {engine} prompt {n} ...", flush=True)
+                result = run_generation(folders[label], n, engine, tmp)
+                runs.append((label, engine, n, result))
+                print(f"  {result}", flush=True)
+        runs = summarize(runs)
 
     lines = [
         "# Benchmarks",

@@ -191,6 +191,35 @@ def _find_standins(model, standins: dict, op_names: dict[int, str]) -> dict[int,
     return found
 
 
+def _fold_weight_scalings(model, op_names: dict[int, str], found: dict) -> None:
+    """A stand-in multiplied by a scalar constant on its way into a FULLY_CONNECTED op (what the
+    converter leaves of `linear(x) * c` when it does not fold the product): do the multiply while
+    writing the real weight, wire the FC to the weight and drop the MUL, so the weight stays a
+    constant that can be quantized and nothing is scaled at run time."""
+    for subgraph in model.subgraphs:
+        consumers: dict[int, list] = {}
+        for op in subgraph.operators:
+            for position, t in enumerate(op.inputs):
+                consumers.setdefault(t, []).append((op, position))
+        dropped = []
+        for op in subgraph.operators:
+            if op_names[op.opcodeIndex] != "MUL" or len(op.inputs) != 2:
+                continue
+            weight, scalar = (op.inputs if subgraph.tensors[op.inputs[0]].buffer in found else op.inputs[::-1])
+            index = subgraph.tensors[weight].buffer
+            data = model.buffers[subgraph.tensors[scalar].buffer].data
+            users = consumers.get(op.outputs[0], [])
+            if (index not in found or found[index][1] is not None or data is None or len(data) != 4
+                    or subgraph.tensors[scalar].type != 0  # FLOAT32
+                    or not users or any(op_names[u.opcodeIndex] != "FULLY_CONNECTED" or pos != 1 for u, pos in users)):
+                continue
+            found[index] = (found[index][0], np.asarray(data).view(np.float32)[0])
+            for user, position in users:
+                user.inputs[position] = weight
+            dropped.append(op)
+        subgraph.operators = [op for op in subgraph.operators if not any(op is d for d in dropped)]
+
+
 def write_bundle(src: Path, dst: Path, plan: BundleQuant, standins: dict | None = None, source=None) -> None:
     """Write `dst` from the converted `src`: stand-ins filled from `source`, weights quantized per `plan`."""
     import flatbuffers
@@ -200,6 +229,7 @@ def write_bundle(src: Path, dst: Path, plan: BundleQuant, standins: dict | None 
     model = flatbuffer_utils.read_model_from_bytearray(mmap_utils.get_file_contents(src))
     op_names = _op_names(model)
     filled = _find_standins(model, standins, op_names) if standins else {}
+    _fold_weight_scalings(model, op_names, filled)
 
     weights: dict[int, _Weight] = {}
     for index, (standin, scale) in filled.items():

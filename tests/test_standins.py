@@ -174,3 +174,47 @@ def test_streamed_conv_quantization_equals_ai_edge_quantizer(tiny_bundle, tmp_pa
     quantize_file(tiny_bundle / "vision_encoder.tflite", reference, plan)
     assert_same_outputs(streamed, reference)
     assert streamed.stat().st_size < 0.5 * (tiny_bundle / "vision_encoder.tflite").stat().st_size
+
+
+def test_scaled_standin_is_multiplied_while_writing(tmp_path):
+    """`linear(x) * c` over a weight too big for the converter to fold is left as MUL(weight, c)
+    feeding the FC (the audio encoder's query scale). The writer does the multiply on the real
+    weight, wires the FC to it and drops the MUL: same outputs, and the weight can be quantized."""
+    import litert_torch
+    import torch
+
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(1024, 1536, bias=False)
+
+        def forward(self, x):
+            return {"y": self.proj(x) * 0.37}
+
+    real = torch.randn(1536, 1024, generator=torch.Generator().manual_seed(0)) / 32
+
+    class Source:
+        def read_rows(self, name, start, stop):
+            return real[start:stop].numpy()
+
+    with torch.device("meta"):
+        module = Scaled()
+    module, standins = materialize_with_standins(module, "", Source())
+    x = torch.randn(1, 4, 1024)
+    with torch.no_grad():
+        converted = litert_torch.signature("scaled", module, sample_kwargs={"x": x}).convert(
+            lightweight_conversion=True, runtime_constant_folding=False)
+    converted.export(str(tmp_path / "converted.tflite"))
+    assert "MUL" in ops_of(tmp_path / "converted.tflite")
+    plan = plan_quantization("audio_encoder", "none", 32, None)
+    write_bundle(tmp_path / "converted.tflite", tmp_path / "float.tflite", plan, standins, Source())
+    assert "MUL" not in ops_of(tmp_path / "float.tflite")
+    got = Interpreter(model_path=str(tmp_path / "float.tflite")).get_signature_runner("scaled")(x=x.numpy())["y"]
+    expected = (x @ real.T * 0.37).numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)  # float32 sums in another order
+    write_bundle(tmp_path / "converted.tflite", tmp_path / "int8.tflite", plan_quantization("audio_encoder", "int8", 32, None), standins, Source())
+    assert (tmp_path / "int8.tflite").stat().st_size < 0.3 * (tmp_path / "float.tflite").stat().st_size
+
+
+def ops_of(path) -> list[str]:
+    return [op["op_name"] for op in Interpreter(model_path=str(path))._get_ops_details()]
