@@ -226,9 +226,10 @@ def convert_to_tflite(plan: BundlePlan, module: nn.Module, out_path: Path) -> di
             # lightweight_conversion keeps large weights as references instead of copies while
             # lowering: same flatbuffer, much lower peak memory for real-size bundles.
             # Its runtime constant folding writes folded BOOL constants empty (the audio encoder's
-            # attention mask), an invalid file; the encoders have nothing big to fold.
+            # attention mask), an invalid file. Without it, a weight times a constant stays a MUL
+            # in the graph; the bundle writer folds the audio encoder's (quant/streaming.py).
             edge_model = builder.convert(lightweight_conversion=True,
-                                         runtime_constant_folding=False if plan.encoder else None)
+                                         runtime_constant_folding=False if plan.name == "audio_encoder" else None)
     except Exception as exc:  # litert-torch surfaces lowering failures as many exception types
         raise ExportError(f"litert-torch could not convert {plan.file}: {type(exc).__name__}: {exc}") from exc
 

@@ -115,30 +115,39 @@ def _stream(session, prompt: str, options: dict) -> None:
 
 
 def _interactive(session, options: dict, stats: bool) -> None:
-    from runtime.session import ContextFullError
+    from runtime.session import ContextFullError, MediaError
 
     click.echo(f"g3n-run: {session.folder} ({session.manifest['variant']}, cache {session.cache_length} tokens). "
-               "/reset starts over, /exit or Ctrl-D leaves.", err=True)
-    options = {**options, "image": None, "audio": None}  # media are per prompt, not per chat
+               "/image PATH or /audio PATH attaches a file to the next prompt, /reset starts over, "
+               "/exit or Ctrl-D leaves.", err=True)
+    # --image / --audio attach to the first prompt; media are per prompt, not per chat.
+    pending = {"image": options["image"], "audio": options["audio"]}
     while True:
         try:
             line = input("> ")
         except EOFError:
             click.echo()
             return
-        if line.strip() in ("/exit", "/quit"):
+        command, _, argument = line.strip().partition(" ")
+        if command in ("/exit", "/quit"):
             return
-        if line.strip() == "/reset":
+        if command == "/reset":
             session.reset()
             click.echo("(new conversation)", err=True)
+            continue
+        if command in ("/image", "/audio") and argument.strip():
+            pending[command[1:]] = Path(argument.strip())
+            click.echo(f"({command[1:]} {argument.strip()} goes with the next prompt)", err=True)
             continue
         if not line.strip():
             continue
         try:
-            _stream(session, line, options)
-        except ContextFullError as exc:
+            _stream(session, line, {**options, **pending})
+        except (ContextFullError, MediaError) as exc:
             click.echo(f"g3n-run: {exc}", err=True)
             continue
+        finally:
+            pending = {"image": None, "audio": None}
         if stats:
             _print_stats(session.last.stats, session.loaded_bundles)
 

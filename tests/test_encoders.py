@@ -151,3 +151,16 @@ def test_bad_media_is_a_clear_error(tiny_bundle, tiny_int4_bundle, tmp_path, med
     assert session.position == 0 and session.loaded_bundles == ["text_core", "embedder", "ple"]  # nothing ran
     with pytest.raises(MediaError, match="has no vision encoder"):
         Session(tiny_int4_bundle).generate("Describe", image=picture)
+
+
+def test_interactive_chat_attaches_media_to_the_next_prompt(tiny_bundle, media, tmp_path):
+    from click.testing import CliRunner
+
+    from runtime.cli import main
+
+    picture, _, _ = media
+    lines = f"/image {picture}\nWhat is it?\n/audio {tmp_path / 'missing.wav'}\nAnd this?\nHi\n/exit\n"
+    result = CliRunner().invoke(main, [str(tiny_bundle), "--max-new-tokens", "3", "--stats"], input=lines)
+    assert result.exit_code == 0, result.output
+    assert "goes with the next prompt" in result.stderr and "no such file" in result.stderr
+    assert "loaded: text_core, embedder, ple, vision_encoder" in result.stderr  # after the image prompt
