@@ -328,29 +328,31 @@ def runtime_table(results: list, budgets: dict[str, int]) -> list[str]:
 
 
 def size_table(rows: list) -> list[str]:
-    """Quantized bundle sizes against the ideal: parameters x (4 bits + an fp16 scale per 32)."""
+    """Quantized bundle sizes against the ideal: int4 = 4 bits + an fp16 scale per 32; int8 = 8 bits."""
     lines = [
-        "## Bundle sizes against the ideal (int4)",
+        "## Bundle sizes against the ideal",
         "",
-        f"Ideal = parameters x {INT4_IDEAL_BITS} bits (4-bit weights, one fp16 scale per 32). The text core also "
-        "keeps its norms in float32 and AltUp's 4-input layers at int8, which the ideal leaves out.",
+        f"Ideal = parameters x {INT4_IDEAL_BITS} bits for int4 (4-bit weights, one fp16 scale per 32), x 8 bits for "
+        "int8 (the encoders under `--quant int4`). The text core also keeps its norms in float32 and AltUp's 4-input "
+        "layers at int8; the vision encoder keeps its depthwise filters and norms in float32.",
         "",
-        "| variant | bundle | parameters | size | ideal | size / ideal | bits per weight |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| variant | bundle | scheme | parameters | size | ideal | size / ideal | bits per weight |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
     ]
-    totals: dict[str, list[int]] = {}
+    totals: dict[tuple[str, str], list[int]] = {}
     for label, bundle, _, r in rows:
-        if r.get("scheme") != "int4":
+        if r.get("scheme") not in ("int4", "int8"):
             continue
-        ideal = r["parameters"] * INT4_IDEAL_BITS / 8
-        total = totals.setdefault(label, [0, 0, 0])
-        total[0] += r["parameters"]
-        total[1] += r["bytes"]
-        total[2] += ideal
-        lines.append(f"| {label} | {bundle} | {r['parameters']:,} | {r['bytes'] / 1e9:.3f} GB | {ideal / 1e9:.3f} GB | "
+        ideal = r["parameters"] * (INT4_IDEAL_BITS if r["scheme"] == "int4" else 8) / 8
+        for part in ("text bundles", "all bundles") if "encoder" not in bundle else ("all bundles",):
+            total = totals.setdefault((label, part), [0, 0, 0])
+            total[0] += r["parameters"]
+            total[1] += r["bytes"]
+            total[2] += ideal
+        lines.append(f"| {label} | {bundle} | {r['scheme']} | {r['parameters']:,} | {r['bytes'] / 1e9:.3f} GB | {ideal / 1e9:.3f} GB | "
                      f"{r['bytes'] / ideal:.3f} | {8 * r['bytes'] / r['parameters']:.2f} |")
-    for label, (params, size, ideal) in totals.items():
-        lines.append(f"| {label} | **whole folder** | {params:,} | **{size / 1e9:.3f} GB** | {ideal / 1e9:.3f} GB | "
+    for (label, part), (params, size, ideal) in totals.items():
+        lines.append(f"| {label} | **folder, {part}** | | {params:,} | **{size / 1e9:.3f} GB** | {ideal / 1e9:.3f} GB | "
                      f"{size / ideal:.3f} | {8 * size / params:.2f} |")
     return lines + ["", "Target: the whole E2B int4 folder at most 3.2 GB (Google's E2B int4 .litertlm is 3.66 GB).", ""]
 
