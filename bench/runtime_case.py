@@ -1,7 +1,7 @@
 """One g3n-run measurement in its own process: load a bundle folder, prefill a prompt of N random
 token ids, decode M tokens greedily; prints the Session's stats as JSON (peak RSS from the caller).
 With --media image / audio the prompt also carries a random image / a 10 s clip, so the encoder
-loads and runs; the random ids then go in as text (detokenized), which media prompts need."""
+loads and runs; the text is then N words, since a media prompt is text, not token ids."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def main() -> None:
     if args.media:
         with tempfile.TemporaryDirectory() as tmp:
             media[args.media] = write_medium(args.media, Path(tmp))
-            prompt = session.tokenizer.decode(prompt)
+            prompt = " ".join(["the"] * args.prompt_tokens)  # text: a media prompt is tokenized, not given as ids
             bundle = session.manifest["encoders"]["vision" if args.media == "image" else "audio"]["bundle"]
             encoder_bytes = session.manifest["bundles"][bundle]["bytes"]
             started = time.perf_counter()

@@ -39,6 +39,17 @@ def tiny_text_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def reference(tiny_mm_checkpoint):
+    """transformers' Gemma3nForConditionalGeneration on the tiny checkpoint: the numerical reference."""
+    import torch
+    from transformers import Gemma3nForConditionalGeneration
+
+    return Gemma3nForConditionalGeneration.from_pretrained(
+        tiny_mm_checkpoint, attn_implementation="eager", dtype=torch.float32
+    ).eval()
+
+
+@pytest.fixture(scope="session")
 def tiny_bundle(tiny_mm_checkpoint, tmp_path_factory) -> Path:
     from converter.pipeline import ConvertOptions, convert
 

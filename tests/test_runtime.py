@@ -9,20 +9,12 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from transformers import Gemma3nForConditionalGeneration
 
 from runtime import ContextFullError, MediaError, SamplingConfig, Session
 from runtime.cli import main
 from runtime.sampling import Sampler
 
 NEW_TOKENS = 16
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_mm_checkpoint):
-    return Gemma3nForConditionalGeneration.from_pretrained(
-        tiny_mm_checkpoint, attn_implementation="eager", dtype=torch.float32
-    ).eval()
 
 
 def hf_greedy(model, ids: list[int], stop_ids: set[int], new_tokens: int = NEW_TOKENS) -> list[int]:
