@@ -124,8 +124,8 @@ def whole_table(results: list) -> list[str]:
     lines = [
         "## The main command: every bundle in one process",
         "",
-        "`g3n-convert --variant VARIANT --random-weights --quant int4 --out DIR`: embedder, PLE and text core, "
-        "then the quality report against the float bundles, as a user runs it. Peak RSS is the whole process's "
+        "`g3n-convert --variant VARIANT --random-weights --quant int4 --out DIR`: every bundle (embedder, PLE, text core, vision and audio "
+        "encoders), then the quality report against the float bundles, as a user runs it. Peak RSS is the whole process's "
         f"maximum resident set (wait4); the target is {MEMORY_TARGET / 2**30:.0f} GiB.",
         "",
         "| variant | parameters | folder size | wall time | peak RSS | within target | quality report |",
