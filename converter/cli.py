@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -37,6 +38,36 @@ def _parse_bundles(ctx, param, value: str | None) -> tuple[str, ...] | None:
     if value is None:
         return None
     return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+@contextlib.contextmanager
+def native_logs_silenced(enabled: bool):
+    """The converter's C++ side (MLIR export, the LiteRT runtime it folds constants with) logs
+    INFO lines straight to file descriptor 2. While converting, fd 2 goes to /dev/null and
+    Python's own stderr (progress, warnings, errors) to a copy of the real one, so only the
+    native noise is dropped. -v keeps everything."""
+    try:
+        real = sys.stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):
+        real = False  # stderr captured in-process (click's CliRunner): leave it alone
+    if not enabled or not real:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    python_stderr = os.fdopen(os.dup(2), "w", buffering=1)
+    previous, sys.stderr = sys.stderr, python_stderr
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    try:
+        yield
+    finally:
+        python_stderr.flush()
+        sys.stderr = previous
+        os.dup2(saved, 2)
+        os.close(saved)
+        python_stderr.close()
 
 
 def quiet_libraries(verbose: bool) -> None:
@@ -172,7 +203,8 @@ def main(ctx, checkpoint, random_weights, seed, variant, quant, block_size, quan
     display = _StageDisplay(quiet=quiet or as_json)
     ok = False
     try:
-        manifest = convert(opts, on_stage=display)
+        with native_logs_silenced(not verbose):
+            manifest = convert(opts, on_stage=display)
         ok = True
     except G3nError as exc:
         _fail(str(exc))
