@@ -132,18 +132,19 @@ class Session:
             )
         return spec, self.encoders.get(spec["bundle"])
 
-    def _encode_media(self, kind: str, path: Path) -> tuple[np.ndarray, dict]:
-        """Soft-token embeddings [N, H] of one image / clip (padding tokens of a short clip get the
-        embedding of the last audio id, as in the reference), loading the encoder on first use."""
-        spec, engine = self._encoder(kind)
-        started = time.perf_counter()
+    def _read_media(self, kind: str, path: Path) -> tuple[dict[str, np.ndarray], bool]:
+        """The encoder's inputs for one image / clip (MediaError if unreadable), and whether a
+        clip was cut to the encoder's window."""
+        spec, _ = self._encoder(kind)
         if kind == "image":
-            inputs = {"images": load_image(Path(path), spec["image"]["size"])}
-            cut = False
-        else:
-            features, cut = load_audio(Path(path), spec["audio"]["mel_bins"], spec["audio"]["frames"])
-            inputs = audio_window(features, spec["audio"]["frames"])
-        loaded = time.perf_counter()
+            return {"images": load_image(Path(path), spec["image"]["size"])}, False
+        features, cut = load_audio(Path(path), spec["audio"]["mel_bins"], spec["audio"]["frames"])
+        return audio_window(features, spec["audio"]["frames"]), cut
+
+    def _encode(self, kind: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """Soft-token embeddings [N, H], loading the encoder on first use. Padding tokens of a short
+        clip get the embedding of the last audio id, as in the reference."""
+        spec, engine = self._encoder(kind)
         if engine is None:
             bundle = spec["bundle"]
             engine = self.encoders[bundle] = EncoderEngine(self.folder / self.manifest["bundles"][bundle]["file"], bundle, self.num_threads)
@@ -152,9 +153,7 @@ class Session:
         if "mask" in out:
             padding = self.engine.embed([self.manifest["config"]["vocab_size"] - 1])[0]
             embeddings = np.where(out["mask"][0, :, None] > 0, embeddings, padding)
-        stats = {"kind": kind, "file": str(path), "soft_tokens": int(embeddings.shape[0]),
-                 "encode_seconds": round(time.perf_counter() - loaded, 3), "truncated": cut}
-        return embeddings, stats
+        return embeddings
 
     def _prompt_ids(self, prompt: str | list[int], raw: bool, system: str | None, media: str = "") -> list[int]:
         if not isinstance(prompt, str):
@@ -198,13 +197,16 @@ class Session:
                 f"the prompt needs {len(ids)} tokens but only {free} of the bundle's {self.cache_length} cache "
                 "positions are free; start a new conversation (reset) or convert with a larger --cache-length"
             )
+        inputs = [self._read_media(kind, path) for kind, path in media]  # every file read before any model runs
         soft, media_stats = {}, []
-        for kind, path in media:  # each image / clip fills its placeholders, in prompt order
-            embeddings, stats = self._encode_media(kind, path)
+        for (kind, path), (encoder_inputs, cut) in zip(media, inputs):  # each fills its placeholders, in prompt order
+            encode_started = time.perf_counter()
+            embeddings = self._encode(kind, encoder_inputs)
             soft_id = self._encoder(kind)[0]["soft_token_id"]
             slots = [i for i, t in enumerate(ids) if t == soft_id and i not in soft]
             soft.update(zip(slots[: len(embeddings)], embeddings))
-            media_stats.append(stats)
+            media_stats.append({"kind": kind, "file": str(path), "soft_tokens": int(embeddings.shape[0]),
+                                "encode_seconds": round(time.perf_counter() - encode_started, 3), "truncated": cut})
         sampler = Sampler(sampling or SamplingConfig())
         stop_ids = self.tokenizer.stop_ids if self.tokenizer else set()
         text = TextStream(self.tokenizer) if self.tokenizer else None

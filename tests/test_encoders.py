@@ -141,6 +141,8 @@ def test_bad_media_is_a_clear_error(tiny_bundle, tiny_int4_bundle, tmp_path, med
     not_wav.write_bytes(b"RIFF....WAVEfmt nonsense")
     with pytest.raises(MediaError, match="is not a PCM WAV file"):
         session.generate("Describe", audio=not_wav)
+    with pytest.raises(MediaError, match="is not a PCM WAV file"):  # a good image does not load its encoder either
+        session.generate("Describe", image=picture, audio=not_wav)
     assert session.position == 0 and session.loaded_bundles == ["text_core", "embedder", "ple"]  # nothing ran
     with pytest.raises(MediaError, match="has no vision encoder"):
         Session(tiny_int4_bundle).generate("Describe", image=picture)
