@@ -149,13 +149,6 @@ class EncoderConfig:
     def bundle(self) -> str:
         return f"{self.modality}_encoder"
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "EncoderConfig":
-        return cls(**d)
-
 
 IMAGE_SIZE = 768  # transformers' Gemma 3n image processor resizes every image to 768 x 768
 
