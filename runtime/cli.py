@@ -32,11 +32,11 @@ def _raise_keyboard_interrupt(signum, frame):
 
 
 def _print_stats(stats: dict, loaded: list[str]) -> None:
-    rate = stats["decode_tokens_per_second"]
+    rate, prefill = stats["decode_tokens_per_second"], stats["prefill_tokens_per_second"]
     click.echo(
         f"[load {stats['load_seconds']:.2f}s (weight cache {stats['weight_cache']}) | {stats['prompt_tokens']} prompt tokens, "
         f"time to first token {stats['time_to_first_token_seconds']:.3f}s, "
-        f"prefill {stats['prefill_tokens_per_second']:.1f} tok/s | {stats['generated_tokens']} generated, "
+        f"prefill {'-' if prefill is None else f'{prefill:.1f}'} tok/s | {stats['generated_tokens']} generated, "
         f"decode {'-' if rate is None else f'{rate:.1f}'} tok/s | peak RSS {stats['peak_rss_mib']:.0f} MiB | "
         f"context {stats['context_used']} | loaded: {', '.join(loaded)}]",
         err=True,

@@ -36,6 +36,10 @@ from converter.errors import BundleError
 
 TEXT_BUNDLES = ("text_core", "embedder", "ple")
 SMALL_INPUTS = ("embeddings", "per_layer_embeddings", "input_pos", "mask")
+# Relative costs for planning prompt chunks, in prefill positions (E2B int4, 2 threads: a decode
+# call ~100 ms, a prefill position ~24 ms; docs/BENCHMARKS.md). CALL_COST: per-call lookups and copies.
+DECODE_COST = 4
+CALL_COST = 1
 
 
 @contextlib.contextmanager
@@ -240,38 +244,47 @@ class TextEngine:
         signature = f"prefill_{n}" if not want_logits and n in self.prefill_lengths else "decode"
         return self.core.run(signature, inputs, want_logits)
 
+    def plan(self, count: int) -> list[int]:
+        """The signature calls that feed `count` tokens from the current position: prefill lengths,
+        or 1 for a single-token decode call. The plan with the least compute wins: a prefill call
+        costs its length (padding included, E2B: ~24 ms per position at 128 and at 512 alike), a
+        decode call DECODE_COST positions; CALL_COST breaks ties toward fewer calls. So 130 tokens
+        with lengths 128 / 512 go as 128 + 2 decode calls, not one padded 512. A chunk must end
+        inside the cache, or DYNAMIC_UPDATE_SLICE would clamp the write."""
+        cost, first = [0.0], [0]  # for the last r tokens: least cost, and the call that starts it
+        for r in range(1, count + 1):
+            start = self.position + count - r  # where these r tokens begin in the cache
+            options = [(DECODE_COST + CALL_COST + cost[r - 1], 1)]
+            options += [(n + CALL_COST + cost[max(0, r - n)], n)
+                        for n in self.prefill_lengths if start + n <= self.cache_length]
+            best = min(options, key=lambda o: (o[0], -o[1]))
+            cost.append(best[0])
+            first.append(best[1])
+        calls, r = [], count
+        while r:
+            calls.append(first[r])
+            r = max(0, r - first[r])
+        return calls
+
     def feed(self, token_ids, soft: dict[int, np.ndarray] | None = None) -> None:
         """Write tokens into the KV cache with the prefill signatures (no logits). `soft` maps
         indices into `token_ids` to embeddings [H] that replace the embedder's rows there."""
         ids = np.asarray(token_ids, np.int64)
         soft = dict(soft or {})
-        done = 0
         if self.position + len(ids) > self.cache_length:
             raise BundleError(
                 f"context full: {self.position} + {len(ids)} tokens exceed the bundle's cache length {self.cache_length}"
             )
-        while len(ids):
-            # The smallest signature that takes the rest in one call, else the largest; padding
-            # writes only positions that later tokens overwrite before anything attends to them.
-            # A chunk must also end inside the cache, or DYNAMIC_UPDATE_SLICE would clamp the write.
-            fits = [n for n in self.prefill_lengths if n >= len(ids) and self.position + n <= self.cache_length]
-            usable = [n for n in self.prefill_lengths if self.position + n <= self.cache_length]
-            if not usable:  # too close to the end of the cache for any prefill signature
-                for t in ids:
-                    here = {0: soft[done]} if done in soft else None
-                    self._run(np.array([t]), np.array([self.position]), want_logits=False, soft=here)
-                    self.position += 1
-                    done += 1
-                return
-            n = min(fits) if fits else max(usable)
-            chunk = ids[:n]
+        done = 0
+        for n in self.plan(len(ids)):
+            chunk = ids[done:done + n]
             real = len(chunk)
+            # Padding writes only positions that later tokens overwrite before anything attends to them.
             padded = np.concatenate([chunk, np.zeros(n - real, np.int64)])
             here = {i - done: v for i, v in soft.items() if done <= i < done + real}
             self._run(padded, self.position + np.arange(n), want_logits=False, soft=here)
             self.position += real
             done += real
-            ids = ids[real:]
 
     def step(self, token_id: int) -> np.ndarray:
         """Decode one token at the current position; returns the next-token logits [vocab]."""

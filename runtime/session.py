@@ -211,7 +211,9 @@ class Session:
         stop_ids = self.tokenizer.stop_ids if self.tokenizer else set()
         text = TextStream(self.tokenizer) if self.tokenizer else None
         self._owed = []
+        prefill_started = time.perf_counter()
         self.engine.feed(ids[:-1], soft)
+        prefill_s = time.perf_counter() - prefill_started
         logits = self.engine.step(ids[-1])
         first_token_at = None
         generated: list[int] = []
@@ -234,7 +236,7 @@ class Session:
         done = time.perf_counter()
         self._owed = self._history_tail(generated[-1], raw or not isinstance(prompt, str))
         reply = [t for t in generated if t not in stop_ids]
-        prefill_s, decode_s = first_token_at - started, done - first_token_at
+        first_token_s, decode_s = first_token_at - started, done - first_token_at
         self.last = Generation(
             text=self.tokenizer.decode(reply) if self.tokenizer else "",
             token_ids=generated,
@@ -244,8 +246,11 @@ class Session:
                 "generated_tokens": len(generated),
                 "load_seconds": round(self.load_seconds, 3),
                 "weight_cache": getattr(self.engine.core, "weight_cache", "off"),
-                "time_to_first_token_seconds": round(prefill_s, 4),
-                "prefill_tokens_per_second": round(len(ids) / prefill_s, 2),
+                "time_to_first_token_seconds": round(first_token_s, 4),
+                # Prefill: every prompt token but the last, which the first decode call takes;
+                # speed counts the whole prompt over that time, as LiteRT-LM's benchmark does.
+                "prefill_seconds": round(prefill_s, 6),
+                "prefill_tokens_per_second": round(len(ids) / prefill_s, 2) if len(ids) > 1 else None,
                 "decode_tokens_per_second": round((len(generated) - 1) / decode_s, 2) if len(generated) > 1 else None,
                 "context_used": self.position,
                 "peak_rss_mib": round(peak_rss_mib(), 1),

@@ -74,7 +74,7 @@ def test_signatures_follow_litert_lm_names(tiny_bundle):
 
 
 def test_bundle_logits_match_pytorch(tiny_bundle, tiny_mm_checkpoint):
-    """29 prompt tokens through the prefill signatures (16 + 8 + a padded 8), then 11 decode steps."""
+    """29 prompt tokens through the prefill signatures (16 + a padded 16), then 11 decode steps."""
     model = load_text_model(tiny_mm_checkpoint)
     ids = prompt_ids(seed=2)
     with torch.no_grad():

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from runtime import ContextFullError, MediaError, SamplingConfig, Session
 from runtime.cli import main
 from runtime.sampling import Sampler
+from tests.conftest import TINY_CACHE
 
 NEW_TOKENS = 16
 
@@ -79,6 +80,31 @@ def test_compiled_engine_is_bit_identical_to_the_interpreter(tiny_bundle, tiny_i
         for engine in (fast, fresh):
             engine.feed(prompt[:-1])
         np.testing.assert_array_equal(fast.step(prompt[-1]), fresh.step(prompt[-1]))
+
+
+def test_prompt_chunks_take_the_least_compute(tiny_bundle):
+    """The planner pads as little as it can, uses single-token decode calls for a short tail, and
+    never lets a chunk run past the cache; whatever the plan, the cache ends up the same."""
+    from runtime.engine import TextEngine
+
+    engine = TextEngine(tiny_bundle)  # prefill_8 / prefill_16, cache 96
+    assert engine.plan(16) == [16]
+    assert engine.plan(17) == [16, 1]  # not a padded 16 + 16
+    assert engine.plan(28) == [16, 16]  # 4 padding positions cost less than 12 single tokens
+    assert engine.plan(6) == [8]
+    engine.position = TINY_CACHE - 10  # 10 left: prefill_8 still fits once, prefill_16 no more
+    assert engine.plan(10) == [8, 1, 1]
+    engine.position = TINY_CACHE - 6
+    assert engine.plan(6) == [1] * 6
+
+    prompt = list(range(40, 58))  # 17 fed: prefill_16, then a decode call
+    chunked, single = TextEngine(tiny_bundle), TextEngine(tiny_bundle)
+    chunked.feed(prompt[:-1])
+    for token in prompt[:-1]:
+        single.step(token)
+    assert chunked.position == single.position == len(prompt) - 1
+    # Same cache written by different graphs (prefill vs decode): float sums in another order.
+    np.testing.assert_allclose(chunked.step(prompt[-1]), single.step(prompt[-1]), atol=1e-4, rtol=0)
 
 
 def test_weight_cache_is_built_once_and_gives_the_same_logits(tiny_int4_bundle, tmp_path):
@@ -150,7 +176,11 @@ def test_cli_json_and_stats(tiny_bundle):
     out = json.loads(result.stdout)
     assert out["loaded_bundles"] == ["text_core", "embedder", "ple"]
     assert len(out["token_ids"]) <= 6 and set(out["stats"]) >= {
-        "load_seconds", "time_to_first_token_seconds", "prefill_tokens_per_second", "decode_tokens_per_second", "peak_rss_mib"}
+        "load_seconds", "time_to_first_token_seconds", "prefill_seconds", "prefill_tokens_per_second", "decode_tokens_per_second",
+        "peak_rss_mib"}
+    stats = out["stats"]
+    assert stats["prefill_seconds"] <= stats["time_to_first_token_seconds"]
+    assert stats["prefill_tokens_per_second"] == pytest.approx(stats["prompt_tokens"] / stats["prefill_seconds"], rel=1e-3)
     streamed = run_cli(tiny_bundle, "--prompt", "Hello", "--max-new-tokens", "6", "--stats")
     assert streamed.exit_code == 0 and "decode" in streamed.stderr and "loaded: text_core, embedder, ple" in streamed.stderr
 
