@@ -284,7 +284,8 @@ def runtime_table(results: list, budgets: dict[str, int]) -> list[str]:
         "loads and runs (its encode time is inside time to first token; prompt tokens count the soft tokens); "
         "every other row loads no encoder. Prefill tok/s is the prompt's tokens over the time to prefill all but "
         "the last (which the first decode call takes), as LiteRT-LM counts it; time to first token is wall time for "
-        "g3n-run and, for LiteRT-LM, its own figure (prefill plus one mean decode step). Rows with warm caches are the median of their runs (`runs`); g3n-run "
+        "g3n-run and, for LiteRT-LM, its own figure (prefill plus one mean decode step). Rows with warm caches "
+        "are the median of their runs (`runs`); g3n-run "
         f"and LiteRT-LM run interleaved, {PAIRED_REPEATS} times per prompt length. RSS / budget: peak RSS over (text "
         "bundle bytes + KV cache, plus the loaded encoder's bytes).",
         "",
