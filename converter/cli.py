@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from converter.errors import G3nError
+from converter.native_logs import native_stderr_to_devnull
 from quant.recipes import BLOCK_SIZES, SCHEMES
 
 EPILOG = """\b
@@ -40,34 +41,15 @@ def _parse_bundles(ctx, param, value: str | None) -> tuple[str, ...] | None:
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
-@contextlib.contextmanager
 def native_logs_silenced(enabled: bool):
     """The converter's C++ side (MLIR export, the LiteRT runtime it folds constants with) logs
-    INFO lines straight to file descriptor 2. While converting, fd 2 goes to /dev/null and
-    Python's own stderr (progress, warnings, errors) to a copy of the real one, so only the
-    native noise is dropped. -v keeps everything."""
+    INFO lines straight to file descriptor 2; while converting only that noise is dropped, and
+    g3n's own output still shows. -v keeps everything."""
     try:
         real = sys.stderr.fileno() == 2
     except (AttributeError, OSError, ValueError):
         real = False  # stderr captured in-process (click's CliRunner): leave it alone
-    if not enabled or not real:
-        yield
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    python_stderr = os.fdopen(os.dup(2), "w", buffering=1)
-    previous, sys.stderr = sys.stderr, python_stderr
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    os.close(devnull)
-    try:
-        yield
-    finally:
-        python_stderr.flush()
-        sys.stderr = previous
-        os.dup2(saved, 2)
-        os.close(saved)
-        python_stderr.close()
+    return native_stderr_to_devnull(keep_python_stderr=True) if enabled and real else contextlib.nullcontext()
 
 
 def quiet_libraries(verbose: bool) -> None:

@@ -33,6 +33,7 @@ import numpy as np
 
 from converter.bundle import read_manifest
 from converter.errors import BundleError
+from converter.native_logs import native_stderr_to_devnull
 
 TEXT_BUNDLES = ("text_core", "embedder", "ple")
 SMALL_INPUTS = ("embeddings", "per_layer_embeddings", "input_pos", "mask")
@@ -42,23 +43,11 @@ DECODE_COST = 4
 CALL_COST = 1
 
 
-@contextlib.contextmanager
 def quiet_native_logs():
-    """LiteRT's C++ side logs accelerator and plugin discovery (dozens of INFO / WARNING lines,
-    with no API to turn them down) straight to file descriptor 2. Send them to /dev/null while
-    models load; errors still arrive as Python exceptions. G3N_LITERT_LOGS=1 keeps them."""
-    if os.environ.get("G3N_LITERT_LOGS") == "1":
-        yield
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "wb") as devnull:
-            os.dup2(devnull.fileno(), 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+    """LiteRT's C++ side logs accelerator and plugin discovery (dozens of INFO / WARNING lines)
+    straight to file descriptor 2. Send them to /dev/null while models load; errors still arrive
+    as Python exceptions. G3N_LITERT_LOGS=1 keeps them."""
+    return contextlib.nullcontext() if os.environ.get("G3N_LITERT_LOGS") == "1" else native_stderr_to_devnull()
 
 
 def quiet_native_teardown() -> None:
@@ -247,8 +236,8 @@ class TextEngine:
     def plan(self, count: int) -> list[int]:
         """The signature calls that feed `count` tokens from the current position: prefill lengths,
         or 1 for a single-token decode call. The plan with the least compute wins: a prefill call
-        costs its length (padding included, E2B: ~24 ms per position at 128 and at 512 alike), a
-        decode call DECODE_COST positions; CALL_COST breaks ties toward fewer calls. So 130 tokens
+        costs its length, padding included, a decode call DECODE_COST; CALL_COST breaks ties
+        toward fewer calls. So 130 tokens
         with lengths 128 / 512 go as 128 + 2 decode calls, not one padded 512. A chunk must end
         inside the cache, or DYNAMIC_UPDATE_SLICE would clamp the write."""
         cost, first = [0.0], [0]  # for the last r tokens: least cost, and the call that starts it

@@ -1,0 +1,33 @@
+"""Silencing the C++ libraries' logs (LiteRT, the MLIR exporter), which go straight to file
+descriptor 2 with no API to turn them down."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+
+@contextlib.contextmanager
+def native_stderr_to_devnull(keep_python_stderr: bool = False):
+    """Point file descriptor 2 at /dev/null for the block. With `keep_python_stderr`, Python's
+    sys.stderr writes to a copy of the real descriptor meanwhile, so g3n's own progress, warnings
+    and errors still show while only the native noise is dropped."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    previous = python_stderr = None
+    if keep_python_stderr:
+        python_stderr = os.fdopen(os.dup(2), "w", buffering=1)
+        previous, sys.stderr = sys.stderr, python_stderr
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    try:
+        yield
+    finally:
+        if python_stderr is not None:
+            python_stderr.flush()
+            sys.stderr = previous
+            python_stderr.close()
+        os.dup2(saved, 2)
+        os.close(saved)
