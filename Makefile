@@ -21,7 +21,7 @@ test: setup
 	G3N_ARTIFACTS=artifacts $(BIN)/python -m pytest -q
 
 demo: setup
-	$(BIN)/python -m converter.tiny_checkpoint $(DEMO)/checkpoint
+	$(BIN)/python -m tests.support.tiny_checkpoint $(DEMO)/checkpoint
 	$(BIN)/g3n-convert --checkpoint $(DEMO)/checkpoint --out $(DEMO)/bundle --prefill-lengths 8,32 --cache-length 256
 	$(BIN)/g3n-convert verify $(DEMO)/bundle
 	@echo; echo "manifest.json (bundles):"
@@ -33,7 +33,7 @@ demo: setup
 	$(BIN)/g3n-run $(DEMO)/bundle-int4 --prompt "What is in the picture?" --image $(DEMO)/picture.png --max-new-tokens 12 --stats
 
 artifacts: setup
-	$(BIN)/python -m converter.tiny_checkpoint artifacts/tiny-checkpoint
+	$(BIN)/python -m tests.support.tiny_checkpoint artifacts/tiny-checkpoint
 	$(BIN)/g3n-convert --checkpoint artifacts/tiny-checkpoint --out artifacts/tiny --prefill-lengths 8,32 --cache-length 256
 
 # LiteRT-LM (for the side-by-side numbers) lives in its own environment.

@@ -8,8 +8,9 @@ an LlmMetadata (start / stop tokens, context length, model type Gemma3n) into on
 with litert-lm-builder. `run` loads that file with LiteRT-LM's Python engine (litert-lm-api) on
 the CPU, prefills N tokens, decodes M, and reports LiteRT-LM's own timings.
 
-Needs only `litert-lm-api` and `litert-lm-builder` (tested with 0.18.1); it does not import torch
-or the g3n packages. Run it with the interpreter of the environment that has them.
+Needs only `litert-lm-api` and `litert-lm-builder` (tested with 0.18.1) and g3n's contract
+package (bundle/, standard library only); it does not import torch or the rest of g3n. Run it
+with the interpreter of the environment that has them.
 
 Caveats when comparing with g3n-run:
   - LiteRT-LM keeps an XNNPACK weight cache next to the .litertlm (or under --cache-dir). The first
@@ -30,12 +31,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-TEXT_BUNDLES = ("text_core", "embedder", "ple")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the contract package, from this checkout
+from bundle import names  # noqa: E402
 
 # LiteRT-LM's CPU executor looks tokens up one at a time through the FIRST signature of the
 # embedder and per-layer-embedder models (it passes no signature name); g3n exports these
 # single-token signatures first.
-SINGLE_TOKEN_SIGNATURES = {"embedder": "decode_embedder", "ple": "decode_per_layer_embedder"}
+SINGLE_TOKEN_SIGNATURES = {b: names.lookup_signature(b) for b in (names.EMBEDDER, names.PLE)}
 
 
 # --- pack ---------------------------------------------------------------------------------------
@@ -62,14 +64,14 @@ def pack(bundle_dir, out_file) -> Path:
     from litert_lm_builder import litertlm_builder as lb
 
     bundle_dir, out_file = Path(bundle_dir), Path(out_file)
-    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    manifest = json.loads((bundle_dir / names.MANIFEST).read_text())
     files = {}
-    for name in TEXT_BUNDLES:
+    for name in names.TEXT_BUNDLES:
         entry = manifest["bundles"].get(name)
         if entry is None:
             raise SystemExit(f"{bundle_dir} has no {name} bundle in its manifest")
         files[name] = bundle_dir / entry["file"]
-    tokenizer = manifest.get("files", {}).get("tokenizer")
+    tokenizer = manifest.get("files", {}).get(names.TOKENIZER)
     if tokenizer is None:
         raise SystemExit(f"{bundle_dir} has no tokenizer in its manifest")
 
@@ -87,9 +89,9 @@ def pack(bundle_dir, out_file) -> Path:
         builder = lb.LitertLmFileBuilder()
         builder.add_system_metadata(lb.Metadata("Authors", "g3n-convert", lb.DType.STRING))
         builder.add_system_metadata(lb.Metadata("g3n_variant", str(manifest.get("variant", "")), lb.DType.STRING))
-        builder.add_tflite_model(str(files["text_core"]), lb.TfLiteModelType.PREFILL_DECODE)
-        builder.add_tflite_model(str(files["embedder"]), lb.TfLiteModelType.EMBEDDER)
-        builder.add_tflite_model(str(files["ple"]), lb.TfLiteModelType.PER_LAYER_EMBEDDER)
+        builder.add_tflite_model(str(files[names.TEXT_CORE]), lb.TfLiteModelType.PREFILL_DECODE)
+        builder.add_tflite_model(str(files[names.EMBEDDER]), lb.TfLiteModelType.EMBEDDER)
+        builder.add_tflite_model(str(files[names.PLE]), lb.TfLiteModelType.PER_LAYER_EMBEDDER)
         builder.add_sentencepiece_tokenizer(str(bundle_dir / tokenizer["file"]))
         builder.add_llm_metadata(str(metadata_path))
         partial = tmp / out_file.name

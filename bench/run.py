@@ -23,11 +23,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bundle import names  # noqa: E402
+from bundle.manifest import Manifest, read_manifest  # noqa: E402
+
 CONVERT = [sys.executable, "-m", "converter.cli"]
 
 # (label, g3n-convert arguments, bundles): one process per bundle, so each peak belongs to one
 # bundle; the runtime cases run on the folder assembled from these.
-ALL = ["embedder", "ple", "text_core", "vision_encoder", "audio_encoder"]
+ALL = list(names.ALL_BUNDLES)
 CASES = [
     ("tiny (checkpoint)", ["--prefill-lengths", "8,32", "--cache-length", "256"], ALL),
     ("e2b int4 (random weights)", ["--variant", "e2b", "--random-weights", "--quant", "int4", "--no-quality-report",
@@ -87,26 +90,26 @@ def run_case(args: list[str], bundle: str, out: Path) -> dict:
     _, result = measured_run([*CONVERT, *args, "--bundles", bundle, "--out", str(out), "-q"])
     if "error" in result:
         return result
-    entry = json.loads((out / "manifest.json").read_text())["bundles"][bundle]
-    return {**result, "bytes": entry["bytes"], "parameters": entry["parameters"], "scheme": entry["quantization"]["scheme"]}
+    entry = read_manifest(out).bundles[bundle]
+    return {**result, "bytes": entry.bytes, "parameters": entry.parameters, "scheme": entry.quantization["scheme"]}
 
 
 def assemble(parts: list[Path], dest: Path) -> Path:
     """One bundle folder from per-bundle conversions of the same model (same config and
     signatures): hard links to the .tflite files and a manifest with every bundle."""
     dest.mkdir(parents=True, exist_ok=True)
-    manifest = None
+    manifest: Manifest | None = None
     for part in parts:
-        m = json.loads((part / "manifest.json").read_text())
-        for entry in [*m["bundles"].values(), *m["files"].values()]:
-            if not (dest / entry["file"]).exists():
-                os.link(part / entry["file"], dest / entry["file"])
+        m = read_manifest(part)
+        for entry in m.listed_files():
+            if not (dest / entry.file).exists():
+                os.link(part / entry.file, dest / entry.file)
         if manifest is None:
             manifest = m
         else:
-            manifest["bundles"].update(m["bundles"])
-            manifest.setdefault("encoders", {}).update(m.get("encoders", {}))
-    (dest / "manifest.json").write_text(json.dumps(manifest, indent=2))
+            manifest.bundles.update(m.bundles)
+            manifest.encoders.update(m.encoders)
+    (dest / names.MANIFEST).write_bytes(manifest.to_json())
     return dest
 
 
@@ -114,10 +117,10 @@ def run_whole(args: list[str], out: Path) -> dict:
     _, result = measured_run([*CONVERT, *args, "--out", str(out), "-q"])
     if "error" in result:
         return result
-    manifest = json.loads((out / "manifest.json").read_text())
-    bundles = manifest["bundles"].values()
-    return {**result, "bytes": sum(b["bytes"] for b in bundles), "parameters": sum(b["parameters"] for b in bundles),
-            "quality": manifest.get("quality") or {}}
+    manifest = read_manifest(out)
+    bundles = manifest.bundles.values()
+    return {**result, "bytes": sum(b.bytes for b in bundles), "parameters": sum(b.parameters for b in bundles),
+            "quality": manifest.quality or {}}
 
 
 def whole_table(results: list) -> list[str]:
@@ -205,7 +208,7 @@ def full_vocab_tokenizer(path: Path, vocab_size: int) -> Path:
     LiteRT-LM can detokenize any id a random-weight model samples."""
     from sentencepiece import sentencepiece_model_pb2 as pb
 
-    from converter.tiny_checkpoint import train_tokenizer
+    from tests.support.tiny_checkpoint import train_tokenizer
 
     train_tokenizer(path)
     model = pb.ModelProto()
@@ -264,10 +267,10 @@ def summarize(runs: list) -> list:
 
 def text_weights_and_cache(folder: Path) -> int:
     """Bytes of the text bundles plus the KV cache: what a text-only session must hold."""
-    manifest = json.loads((folder / "manifest.json").read_text())
-    inputs = manifest["bundles"]["text_core"]["signatures"]["decode"]["inputs"]
-    kv = sum(4 * math.prod(spec["shape"]) for name, spec in inputs.items() if name.startswith("kv_cache_"))
-    return kv + sum(manifest["bundles"][b]["bytes"] for b in ("text_core", "embedder", "ple"))
+    manifest = read_manifest(folder)
+    inputs = manifest.bundles[names.TEXT_CORE].signatures[names.DECODE].inputs
+    kv = sum(4 * math.prod(spec.shape) for name, spec in inputs.items() if name.startswith(names.KV_CACHE_PREFIX))
+    return kv + sum(manifest.bundles[b].bytes for b in names.TEXT_BUNDLES)
 
 
 def runtime_table(results: list, budgets: dict[str, int]) -> list[str]:
@@ -381,7 +384,7 @@ def main() -> None:
     rows, runs, folders = [], [], {}
     with tempfile.TemporaryDirectory(prefix="g3n-bench-") as tmp:
         tmp = Path(tmp)
-        subprocess.run([sys.executable, "-m", "converter.tiny_checkpoint", str(tmp / "tiny")], cwd=ROOT, check=True,
+        subprocess.run([sys.executable, "-m", "tests.support.tiny_checkpoint", str(tmp / "tiny")], cwd=ROOT, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for label, case_args, bundles in CASES:
             if args.tiny_only and not label.startswith("tiny"):

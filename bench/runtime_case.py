@@ -48,15 +48,15 @@ def main() -> None:
     args = parser.parse_args()
 
     session = Session(args.folder, num_threads=args.threads, backend=args.backend)
-    vocab = session.manifest["config"]["vocab_size_per_layer_input"]
+    vocab = session.manifest.config["vocab_size_per_layer_input"]
     prompt = np.random.default_rng(0).integers(3, vocab, args.prompt_tokens).tolist()
     media, encoder_bytes = {}, 0
     if args.media:
         with tempfile.TemporaryDirectory() as tmp:
             media[args.media] = write_medium(args.media, Path(tmp))
             prompt = " ".join(["the"] * args.prompt_tokens)  # text: a media prompt is tokenized, not given as ids
-            bundle = session.manifest["encoders"]["vision" if args.media == "image" else "audio"]["bundle"]
-            encoder_bytes = session.manifest["bundles"][bundle]["bytes"]
+            bundle = session.manifest.encoders["vision" if args.media == "image" else "audio"].bundle
+            encoder_bytes = session.manifest.bundles[bundle].bytes
             started = time.perf_counter()
             result = session.generate(prompt, raw=True, max_new_tokens=args.new_tokens, **media)
     else:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -22,7 +23,14 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from converter.config import TextConfig
-from converter.errors import CheckpointError
+from bundle.errors import CheckpointError
+
+FLOAT16_MAX = 65504.0
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint that converts, but holds something a healthy one does not."""
+
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
@@ -137,6 +145,7 @@ class SafetensorsCheckpoint:
                 )
             raise CheckpointError(f"{folder} has no *.safetensors weight files")
         self.files = files
+        self._warned: set[str] = set()
         self._handles = {}
         self._where: dict[str, Path] = {}
         for f in files:
@@ -203,9 +212,11 @@ class SafetensorsCheckpoint:
     def tensor(self, name: str) -> torch.Tensor:
         hf = self.name_map[name]
         try:
-            return self._handles[self._where[hf]].get_tensor(hf).to(torch.float32)
+            values = self._handles[self._where[hf]].get_tensor(hf).to(torch.float32)
         except (SafetensorError, OSError, RuntimeError) as exc:
             raise CheckpointError(f"cannot read {hf} from {self._where[hf].name}: {exc}") from exc
+        self._check_values(hf, values.numpy())
+        return values
 
     def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of a weight as float32: a big table is read a slice at a time."""
@@ -214,7 +225,22 @@ class SafetensorsCheckpoint:
             rows = self._handles[self._where[hf]].get_slice(hf)[start:stop]
         except (SafetensorError, OSError, RuntimeError) as exc:
             raise CheckpointError(f"cannot read {hf} from {self._where[hf].name}: {exc}") from exc
-        return rows.to(torch.float32).numpy()
+        rows = rows.to(torch.float32).numpy()
+        self._check_values(hf, rows, start)
+        return rows
+
+    def _check_values(self, hf: str, values: np.ndarray, first_row: int = 0) -> None:
+        """Refuse NaN / Inf (a broken checkpoint converts into a bundle that outputs garbage);
+        warn once per tensor on values past float16's range, which no trained weight reaches."""
+        finite = np.isfinite(values)
+        if not finite.all():
+            row = first_row + int(np.argwhere(~finite)[0][0]) if values.ndim else 0
+            raise CheckpointError(f"{hf} in {self._where[hf].name} holds NaN or infinite values (first in row {row}); "
+                                  "the checkpoint is damaged: re-download or re-save it")
+        if values.size and hf not in self._warned and float(np.abs(values).max()) > FLOAT16_MAX:
+            self._warned.add(hf)
+            warnings.warn(f"{hf} holds values up to {float(np.abs(values).max()):.3g}, beyond float16's range; "
+                          "the checkpoint may be damaged", CheckpointWarning, stacklevel=2)
 
     def fingerprint(self) -> str:
         """sha256 over the safetensors files and config.json: identifies the source in manifests."""

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import click
 
-from converter.errors import G3nError
-from converter.native_logs import native_stderr_to_devnull
+from bundle import names
+from bundle.errors import G3nError
+from bundle.native_logs import native_stderr_to_devnull, quiet_native_teardown
 from quant.recipes import BLOCK_SIZES, SCHEMES
 
 EPILOG = """\b
@@ -155,9 +156,12 @@ def main(ctx, checkpoint, random_weights, seed, variant, quant, block_size, quan
     """
     if ctx.invoked_subcommand is not None:
         return
-    from converter.pipeline import ConvertOptions, convert
-
     quiet_libraries(verbose)
+    # Importing torch, litert-torch and LiteRT prints absl's pre-init warning, oneDNN's notice and
+    # torch's pytree deprecation warnings; none of them is about the user's conversion.
+    with contextlib.nullcontext() if verbose else native_stderr_to_devnull():
+        from converter.pipeline import ConvertOptions, convert
+
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     signal.signal(signal.SIGINT, _raise_keyboard_interrupt)
     name = variant or ("e2b" if checkpoint is None else Path(checkpoint).name)
@@ -170,8 +174,8 @@ def main(ctx, checkpoint, random_weights, seed, variant, quant, block_size, quan
         quant=quant,
         quant_overrides={
             bundle: scheme
-            for bundle, scheme in (("text_core", quant_text), ("embedder", quant_embed), ("ple", quant_ple),
-                                   ("vision_encoder", quant_vision), ("audio_encoder", quant_audio))
+            for bundle, scheme in ((names.TEXT_CORE, quant_text), (names.EMBEDDER, quant_embed), (names.PLE, quant_ple),
+                                   (names.VISION_ENCODER, quant_vision), (names.AUDIO_ENCODER, quant_audio))
             if scheme is not None
         },
         block_size=int(block_size),
@@ -202,8 +206,6 @@ def main(ctx, checkpoint, random_weights, seed, variant, quant, block_size, quan
     else:
         print_summary(opts.out, manifest)
     if "quality" in manifest:  # the quality report ran LiteRT, which logs its teardown at exit
-        from runtime.engine import quiet_native_teardown
-
         quiet_native_teardown()
 
 
@@ -243,11 +245,12 @@ def print_summary(out: Path, manifest: dict) -> None:
 @click.option("--fast", is_flag=True, help="Check sizes only, skip sha256.")
 def verify(folder, fast):
     """Re-check every file of a bundle folder against its manifest (size and sha256)."""
-    from converter.bundle import listed_files, read_manifest, verify_bundle
+    from bundle.manifest import read_manifest, verify_bundle
 
     try:
-        problems = verify_bundle(folder, check_hashes=not fast)
-        count = len(listed_files(read_manifest(folder)))
+        manifest = read_manifest(folder)
+        problems = verify_bundle(folder, check_hashes=not fast, manifest=manifest)
+        count = len(manifest.listed_files())
     except G3nError as exc:
         _fail(str(exc))
     if problems:

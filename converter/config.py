@@ -1,8 +1,9 @@
-"""Gemma 3n text-decoder configuration: built-in variants and Hugging Face config.json parsing.
+"""Gemma 3n configuration: built-in variants and the Hugging Face config.json mapping.
 
 `TextConfig` is the single source of truth for shapes used by the model, the checkpoint
 name map and the bundle manifest. It is frozen and JSON-serialisable so it can be stored
-in manifest.json and rebuilt by the runtime without transformers.
+in manifest.json and rebuilt by the runtime without transformers. `HF_TEXT_FIELDS` is the one
+table between its fields and Gemma3nTextConfig's, read in both directions.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from converter.errors import CheckpointError, read_json_object
+from bundle import names
+from bundle.errors import CheckpointError, read_json_object
 
+MAX_SIZE = 1 << 24  # no dimension or vocabulary of a Gemma 3n comes near it
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 
@@ -62,6 +65,19 @@ class TextConfig:
 
     def __post_init__(self) -> None:
         n = self.num_layers
+        sizes = {f: getattr(self, f) for f in ("vocab_size", "vocab_size_per_layer_input", "hidden_size",
+                                                "hidden_size_per_layer_input", "num_heads", "num_kv_heads", "head_dim",
+                                                "sliding_window", "altup_num_inputs")}
+        sizes.update((f"intermediate_sizes[{i}]", v) for i, v in enumerate(self.intermediate_sizes))
+        for what, value in sizes.items():  # a Gemma 3n is at most a few 100k wide anywhere
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_SIZE:
+                raise ValueError(f"{what} must be a whole number from 1 to {MAX_SIZE}, not {value!r}")
+        if n == 0 or not 0 <= self.laurel_rank <= MAX_SIZE:
+            raise ValueError("the model needs at least one layer and a LAuReL rank from 0 up")
+        if not 0 <= self.altup_active_idx < self.altup_num_inputs:
+            raise ValueError("altup_active_idx must index one of the AltUp streams")
+        if not all(0.0 <= s < 1.0 for s in self.activation_sparsity):
+            raise ValueError("activation sparsity values must lie in [0, 1)")
         if len(self.layer_types) != n or len(self.activation_sparsity) != n:
             raise ValueError("layer_types, intermediate_sizes and activation_sparsity need one entry per layer")
         if not set(self.layer_types) <= {SLIDING, FULL}:
@@ -69,7 +85,7 @@ class TextConfig:
         if self.num_heads % self.num_kv_heads:
             raise ValueError("num_heads must be a multiple of num_kv_heads")
         if not 0 <= self.num_kv_shared_layers < n:
-            raise ValueError("num_kv_shared_layers must be in [0, num_layers)")
+            raise ValueError(f"num_kv_shared_layers must be in [0, {n}) for {n} layers, not {self.num_kv_shared_layers}")
         owners = self.layer_types[: self.first_kv_shared_layer]
         missing = set(self.layer_types[self.first_kv_shared_layer :]) - set(owners)
         if missing:
@@ -147,7 +163,7 @@ class EncoderConfig:
 
     @property
     def bundle(self) -> str:
-        return f"{self.modality}_encoder"
+        return names.MODALITY_BUNDLES[self.modality]
 
 
 IMAGE_SIZE = 768  # transformers' Gemma 3n image processor resizes every image to 768 x 768
@@ -176,9 +192,7 @@ def variant_encoders(name: str) -> dict[str, EncoderConfig]:
     from transformers import Gemma3nConfig
 
     if name == "tiny":
-        from converter.tiny_checkpoint import hf_config
-
-        return encoder_configs_from_hf(Gemma3nConfig(**hf_config(tiny_config())))
+        return encoder_configs_from_hf(Gemma3nConfig(**tiny_multimodal_hf_config(tiny_config())))
     return encoder_configs_from_hf(Gemma3nConfig(text_config=dict(hidden_size=variant_config(name).hidden_size)))
 
 
@@ -229,6 +243,40 @@ def tiny_config() -> TextConfig:
     )
 
 
+# The tiny variant's multimodal layout: 8 vision and 8 audio ids after the 512 text ids, as in the
+# real 262144 + 128 + 128 layout; <start_of_image> / <start_of_audio> are text pieces 7 and 8.
+TINY_MODALITY_VOCAB = 8
+TINY_START_OF_IMAGE, TINY_START_OF_AUDIO = 7, 8
+
+
+def tiny_multimodal_hf_config(cfg: TextConfig) -> dict:
+    """Gemma3nConfig keyword arguments: `cfg` as the text model, with tiny MobileNet-V5 and USM
+    towers and the multimodal token ids laid out as in the real vocabulary."""
+    v, m = cfg.vocab_size_per_layer_input, TINY_MODALITY_VOCAB
+    return dict(
+        text_config=text_config_to_hf(cfg),
+        vision_config=dict(
+            hidden_size=2048,  # timm's MobileNet-V5 MSFA output width is fixed at 2048
+            vocab_size=m,
+            vocab_offset=v,
+            model_args={"channel_multiplier": 0.03125, "msfa_output_resolution": 2},
+        ),
+        audio_config=dict(
+            input_feat_size=32, hidden_size=32, conf_num_attention_heads=4, conf_num_hidden_layers=1,
+            sscp_conv_channel_size=[16, 8], conf_conv_kernel_size=3, conf_attention_chunk_size=4,
+            conf_attention_context_left=5, vocab_size=m, vocab_offset=v + m,
+        ),
+        vision_soft_tokens_per_image=4,
+        audio_soft_tokens_per_image=4,
+        boi_token_id=TINY_START_OF_IMAGE,
+        boa_token_id=TINY_START_OF_AUDIO,
+        eoi_token_id=v,
+        image_token_id=v + 1,
+        eoa_token_id=v + m,
+        audio_token_id=v + m + 1,
+    )
+
+
 VARIANTS = {
     "tiny": tiny_config,
     "e2b": lambda: _real_variant("e2b", num_layers=30, ffn=8192, num_kv_shared=10),
@@ -241,6 +289,49 @@ def variant_config(name: str) -> TextConfig:
         return VARIANTS[name]()
     except KeyError:
         raise ValueError(f"unknown variant {name!r}; choose one of {', '.join(VARIANTS)}") from None
+
+
+# TextConfig field -> Gemma3nTextConfig attribute, for the fields that map one to one (tuples are
+# lists there). The rest is mapped below by hand: RoPE thetas (rope_parameters), the layer count
+# (from intermediate_sizes), the token ids (defaults, eos as a list) and the hard-token tables.
+HF_TEXT_FIELDS = {
+    "vocab_size": "vocab_size",
+    "vocab_size_per_layer_input": "vocab_size_per_layer_input",
+    "hidden_size": "hidden_size",
+    "hidden_size_per_layer_input": "hidden_size_per_layer_input",
+    "intermediate_sizes": "intermediate_size",
+    "num_heads": "num_attention_heads",
+    "num_kv_heads": "num_key_value_heads",
+    "head_dim": "head_dim",
+    "num_kv_shared_layers": "num_kv_shared_layers",
+    "layer_types": "layer_types",
+    "activation_sparsity": "activation_sparsity_pattern",
+    "sliding_window": "sliding_window",
+    "rms_norm_eps": "rms_norm_eps",
+    "final_logit_softcap": "final_logit_softcapping",
+    "altup_num_inputs": "altup_num_inputs",
+    "altup_active_idx": "altup_active_idx",
+    "altup_correct_scale": "altup_correct_scale",
+    "laurel_rank": "laurel_rank",
+}
+_TUPLE_FIELDS = {"intermediate_sizes", "layer_types", "activation_sparsity"}
+
+
+def text_config_to_hf(cfg: TextConfig) -> dict:
+    """`cfg` as Gemma3nTextConfig keyword arguments."""
+    hf = {theirs: list(getattr(cfg, ours)) if ours in _TUPLE_FIELDS else getattr(cfg, ours)
+          for ours, theirs in HF_TEXT_FIELDS.items()}
+    return dict(
+        hf,
+        num_hidden_layers=cfg.num_layers,
+        rope_parameters={
+            SLIDING: {"rope_type": "default", "rope_theta": cfg.rope_theta_local},
+            FULL: {"rope_type": "default", "rope_theta": cfg.rope_theta_global},
+        },
+        pad_token_id=cfg.pad_token_id,
+        eos_token_id=cfg.eos_token_ids[0],
+        bos_token_id=cfg.bos_token_id,
+    )
 
 
 def text_config_from_hf(hf: dict, name: str = "custom") -> TextConfig:
@@ -272,7 +363,7 @@ def text_config_from_hf(hf: dict, name: str = "custom") -> TextConfig:
     except CheckpointError:
         raise
     except Exception as exc:  # transformers raises many types for malformed configs
-        raise CheckpointError(f"config.json is not a valid Gemma 3n config: {exc}") from exc
+        raise CheckpointError(f"config.json is not a valid Gemma 3n config: {' '.join(str(exc).split())}") from exc
 
     eos = text.eos_token_id if isinstance(text.eos_token_id, list) else [text.eos_token_id]
     rope = text.rope_parameters
@@ -281,34 +372,23 @@ def text_config_from_hf(hf: dict, name: str = "custom") -> TextConfig:
             raise CheckpointError(f"unsupported RoPE type {rope[layer_type]['rope_type']!r} for {layer_type}")
     if text.hidden_activation != "gelu_pytorch_tanh":
         raise CheckpointError(f"unsupported hidden_activation {text.hidden_activation!r}")
-    return TextConfig(
-        name=name,
-        vocab_size=text.vocab_size,
-        vocab_size_per_layer_input=text.vocab_size_per_layer_input,
-        hidden_size=text.hidden_size,
-        hidden_size_per_layer_input=text.hidden_size_per_layer_input,
-        intermediate_sizes=tuple(text.intermediate_size),
-        num_heads=text.num_attention_heads,
-        num_kv_heads=text.num_key_value_heads,
-        head_dim=text.head_dim,
-        num_kv_shared_layers=text.num_kv_shared_layers,
-        layer_types=tuple(text.layer_types),
-        activation_sparsity=tuple(float(s) for s in text.activation_sparsity_pattern),
-        sliding_window=text.sliding_window,
-        rope_theta_local=float(rope[SLIDING]["rope_theta"]),
-        rope_theta_global=float(rope[FULL]["rope_theta"]),
-        rms_norm_eps=text.rms_norm_eps,
-        final_logit_softcap=text.final_logit_softcapping,
-        altup_num_inputs=text.altup_num_inputs,
-        altup_active_idx=text.altup_active_idx,
-        altup_correct_scale=text.altup_correct_scale,
-        laurel_rank=text.laurel_rank,
-        pad_token_id=text.pad_token_id if text.pad_token_id is not None else PAD_ID,
-        bos_token_id=text.bos_token_id if text.bos_token_id is not None else BOS_ID,
-        eos_token_ids=tuple(dict.fromkeys([*eos, END_OF_TURN_ID])),
-        vision_tokens=vision_tokens,
-        audio_tokens=audio_tokens,
-    )
+    try:
+        fields = {ours: tuple(getattr(text, theirs)) if ours in _TUPLE_FIELDS else getattr(text, theirs)
+                  for ours, theirs in HF_TEXT_FIELDS.items()}
+        fields["activation_sparsity"] = tuple(float(s) for s in fields["activation_sparsity"])
+        return TextConfig(
+            name=name,
+            **fields,
+            rope_theta_local=float(rope[SLIDING]["rope_theta"]),
+            rope_theta_global=float(rope[FULL]["rope_theta"]),
+            pad_token_id=text.pad_token_id if text.pad_token_id is not None else PAD_ID,
+            bos_token_id=text.bos_token_id if text.bos_token_id is not None else BOS_ID,
+            eos_token_ids=tuple(dict.fromkeys([*eos, END_OF_TURN_ID])),
+            vision_tokens=vision_tokens,
+            audio_tokens=audio_tokens,
+        )
+    except (TypeError, ValueError, OverflowError) as exc:  # a field of the wrong type or out of range
+        raise CheckpointError(f"config.json does not describe a Gemma 3n model g3n can build: {exc}") from exc
 
 
 def load_hf_config(checkpoint_dir: Path) -> tuple[dict, TextConfig]:

@@ -27,15 +27,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from converter.bundle import atomic_path
+from bundle import names
+from bundle.errors import ExportError
+from bundle.files import atomic_path
+from bundle.manifest import AudioInput, EncoderEntry, ImageInput, Signature, TensorSpec
 from converter.config import IMAGE_SIZE, EncoderConfig, TextConfig
 from converter.encoders import build_encoder, encoder_frames
-from converter.errors import ExportError
 from converter.model import PerLayerEmbedder, TextDecoder, TokenEmbedder, empty_kv_cache
 
 
-def _tensor_spec(t: torch.Tensor) -> dict:
-    return {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+def _tensor_spec(t: torch.Tensor) -> TensorSpec:
+    return TensorSpec(tuple(t.shape), str(t.dtype).removeprefix("torch."))
 
 
 class TextCoreSignature(nn.Module):
@@ -45,14 +47,15 @@ class TextCoreSignature(nn.Module):
         super().__init__()
         self.decoder = decoder
         self.compute_logits = compute_logits
-        self.slots = range(len(decoder.cfg.kv_cache_layers))
+        self.cache_names = names.kv_cache_names(len(decoder.cfg.kv_cache_layers))
 
+    # The parameter names are the signature's input names (bundle.names.TEXT_CORE_INPUTS).
     def forward(self, embeddings, per_layer_embeddings, input_pos, mask, **kv_cache):
-        cache = [kv_cache[f"kv_cache_{kind}_{i}"] for i in self.slots for kind in ("k", "v")]
+        cache = [kv_cache[name] for name in self.cache_names]
         logits, cache = self.decoder(embeddings, per_layer_embeddings, input_pos, mask, cache, self.compute_logits)
-        out = {f"kv_cache_{kind}_{i}": cache[2 * i + j] for i in self.slots for j, kind in enumerate(("k", "v"))}
+        out = dict(zip(self.cache_names, cache))
         if logits is not None:
-            out["logits"] = logits
+            out[names.LOGITS] = logits
         return out
 
 
@@ -62,7 +65,7 @@ class TokenIdsSignature(nn.Module):
         self.module = module
 
     def forward(self, token_ids):
-        return {"embeddings": self.module(token_ids)}
+        return {names.EMBEDDINGS: self.module(token_ids)}
 
 
 class VisionSignature(nn.Module):
@@ -71,7 +74,7 @@ class VisionSignature(nn.Module):
         self.module = module
 
     def forward(self, images):
-        return {"embeddings": self.module(images)}
+        return {names.EMBEDDINGS: self.module(images)}
 
 
 class AudioSignature(nn.Module):
@@ -81,54 +84,48 @@ class AudioSignature(nn.Module):
 
     def forward(self, features, mask):
         embeddings, valid = self.module(features, mask)
-        return {"embeddings": embeddings, "mask": valid}
+        return {names.EMBEDDINGS: embeddings, names.MASK: valid}
 
 
-SIGNATURE_WRAPPERS = {"embedder": TokenIdsSignature, "ple": TokenIdsSignature, "vision_encoder": VisionSignature,
-                      "audio_encoder": AudioSignature}
+SIGNATURE_WRAPPERS = {names.EMBEDDER: TokenIdsSignature, names.PLE: TokenIdsSignature,
+                      names.VISION_ENCODER: VisionSignature, names.AUDIO_ENCODER: AudioSignature}
 
 
 def encoder_inputs(enc: EncoderConfig) -> dict[str, torch.Tensor]:
     if enc.modality == "vision":
-        return {"images": torch.zeros(1, IMAGE_SIZE, IMAGE_SIZE, 3)}
+        return {names.IMAGES: torch.zeros(1, IMAGE_SIZE, IMAGE_SIZE, 3)}
     frames = encoder_frames(enc)
-    return {"features": torch.zeros(1, frames, enc.hf_config["input_feat_size"]),
-            "mask": torch.ones(1, frames, dtype=torch.int32)}
+    return {names.FEATURES: torch.zeros(1, frames, enc.hf_config["input_feat_size"]),
+            names.MASK: torch.ones(1, frames, dtype=torch.int32)}
 
 
-def encoder_manifest(enc: EncoderConfig) -> dict:
+def encoder_manifest(enc: EncoderConfig) -> EncoderEntry:
     """What a runner needs to feed an encoder and place its soft tokens (manifest "encoders")."""
-    entry = {
-        "bundle": enc.bundle,
-        "soft_tokens": enc.soft_tokens,
-        "start_token_id": enc.start_token_id,
-        "soft_token_id": enc.soft_token_id,
-        "end_token_id": enc.end_token_id,
-        "config": enc.hf_config,
-    }
+    image = audio = None
     if enc.modality == "vision":
-        entry["image"] = {"size": IMAGE_SIZE, "layout": "NHWC RGB", "range": [0.0, 1.0], "resize": "bilinear"}
+        image = ImageInput(size=IMAGE_SIZE, layout="NHWC RGB", range=(0.0, 1.0), resize="bilinear")
     else:
-        entry["audio"] = {"frames": encoder_frames(enc), "mel_bins": enc.hf_config["input_feat_size"],
-                          "sample_rate": 16000, "frame_ms": 32.0, "hop_ms": 10.0}
-    return entry
+        audio = AudioInput(frames=encoder_frames(enc), mel_bins=enc.hf_config["input_feat_size"],
+                           sample_rate=16000, frame_ms=32.0, hop_ms=10.0)
+    return EncoderEntry(bundle=enc.bundle, soft_tokens=enc.soft_tokens, start_token_id=enc.start_token_id,
+                        soft_token_id=enc.soft_token_id, end_token_id=enc.end_token_id, config=enc.hf_config,
+                        image=image, audio=audio)
 
 
 def text_core_inputs(cfg: TextConfig, length: int, cache_length: int) -> dict[str, torch.Tensor]:
     inputs = {
-        "embeddings": torch.zeros(1, length, cfg.hidden_size),
-        "per_layer_embeddings": torch.zeros(1, length, cfg.num_layers, cfg.hidden_size_per_layer_input),
-        "input_pos": torch.arange(length, dtype=torch.int32),
-        "mask": torch.zeros(1, 1, length, cache_length),
+        names.EMBEDDINGS: torch.zeros(1, length, cfg.hidden_size),
+        names.PER_LAYER_EMBEDDINGS: torch.zeros(1, length, cfg.num_layers, cfg.hidden_size_per_layer_input),
+        names.INPUT_POS: torch.arange(length, dtype=torch.int32),
+        names.MASK: torch.zeros(1, 1, length, cache_length),
     }
     cache = empty_kv_cache(cfg, cache_length)
-    for i in range(len(cfg.kv_cache_layers)):
-        inputs[f"kv_cache_k_{i}"], inputs[f"kv_cache_v_{i}"] = cache[2 * i], cache[2 * i + 1]
+    inputs.update(zip(names.kv_cache_names(len(cfg.kv_cache_layers)), cache))
     return inputs
 
 
 def token_inputs(length: int) -> dict[str, torch.Tensor]:
-    return {"token_ids": torch.zeros(1, length, dtype=torch.int32)}
+    return {names.TOKEN_IDS: torch.zeros(1, length, dtype=torch.int32)}
 
 
 @dataclass(frozen=True)
@@ -142,7 +139,7 @@ class BundlePlan:
 
     @property
     def file(self) -> str:
-        return f"{self.name}.tflite"
+        return names.bundle_file(self.name)
 
 
 def text_bundle_plans(cfg: TextConfig, prefill_lengths: tuple[int, ...], cache_length: int) -> list[BundlePlan]:
@@ -151,64 +148,62 @@ def text_bundle_plans(cfg: TextConfig, prefill_lengths: tuple[int, ...], cache_l
     lengths = sorted(set(prefill_lengths))
     # The single-token signature comes first in the lookup bundles: LiteRT-LM's CPU executor looks
     # tokens up one at a time through a file's first signature.
+    def lookup_plan(bundle: str) -> BundlePlan:
+        return BundlePlan(
+            bundle,
+            f"{bundle}.",
+            ((names.lookup_signature(bundle), False, token_inputs(1)),)
+            + tuple((names.lookup_signature(bundle, n), False, token_inputs(n)) for n in lengths),
+        )
+
     return [
+        lookup_plan(names.EMBEDDER),
+        lookup_plan(names.PLE),
         BundlePlan(
-            "embedder",
-            "embedder.",
-            (("decode_embedder", False, token_inputs(1)),)
-            + tuple((f"prefill_embedder_{n}", False, token_inputs(n)) for n in lengths),
-        ),
-        BundlePlan(
-            "ple",
-            "ple.",
-            (("decode_per_layer_embedder", False, token_inputs(1)),)
-            + tuple((f"prefill_per_layer_embedder_{n}", False, token_inputs(n)) for n in lengths),
-        ),
-        BundlePlan(
-            "text_core",
+            names.TEXT_CORE,
             "decoder.",
-            tuple((f"prefill_{n}", False, text_core_inputs(cfg, n, cache_length)) for n in lengths)
-            + (("decode", True, text_core_inputs(cfg, 1, cache_length)),),
+            tuple((names.prefill(n), False, text_core_inputs(cfg, n, cache_length)) for n in lengths)
+            + ((names.DECODE, True, text_core_inputs(cfg, 1, cache_length)),),
         ),
     ]
 
 
 def encoder_bundle_plan(enc: EncoderConfig) -> BundlePlan:
-    return BundlePlan(enc.bundle, f"{enc.bundle}.", ((enc.bundle, False, encoder_inputs(enc)),), enc)
+    return BundlePlan(enc.bundle, f"{enc.bundle}.", ((names.encoder_signature(enc.bundle), False, encoder_inputs(enc)),), enc)
 
 
 def build_module(plan: BundlePlan, cfg: TextConfig) -> nn.Module:
     """The bundle's PyTorch module with its parameters on the meta device (no memory until materialised)."""
     if plan.encoder is not None:
         return build_encoder(plan.encoder)
-    cls = {"embedder": TokenEmbedder, "ple": PerLayerEmbedder, "text_core": TextDecoder}[plan.name]
+    cls = {names.EMBEDDER: TokenEmbedder, names.PLE: PerLayerEmbedder, names.TEXT_CORE: TextDecoder}[plan.name]
     with torch.device("meta"):
         return cls(cfg)
 
 
-def output_specs(bundle: str, sample: dict[str, torch.Tensor], logits: bool, module: nn.Module) -> dict:
+def output_specs(bundle: str, sample: dict[str, torch.Tensor], logits: bool, module: nn.Module) -> dict[str, TensorSpec]:
     """Output names, shapes and dtypes of one signature, derived without running the model."""
-    if bundle in ("vision_encoder", "audio_encoder"):
+    if bundle in names.ENCODER_BUNDLES:
         tokens, width = module.soft_tokens, module.embed.embedding_projection.out_features
-        out = {"embeddings": {"shape": [1, tokens, width], "dtype": "float32"}}
-        if bundle == "audio_encoder":
-            out["mask"] = {"shape": [1, tokens], "dtype": "int32"}
+        out = {names.EMBEDDINGS: TensorSpec((1, tokens, width), "float32")}
+        if bundle == names.AUDIO_ENCODER:
+            out[names.MASK] = TensorSpec((1, tokens), "int32")
         return out
-    if bundle == "text_core":
-        out = {k: _tensor_spec(v) for k, v in sample.items() if k.startswith("kv_cache_")}
+    if bundle == names.TEXT_CORE:
+        out = {k: _tensor_spec(v) for k, v in sample.items() if k.startswith(names.KV_CACHE_PREFIX)}
         if logits:
-            length = sample["embeddings"].shape[1]
-            out["logits"] = {"shape": [1, length, module.cfg.vocab_size], "dtype": "float32"}
+            length = sample[names.EMBEDDINGS].shape[1]
+            out[names.LOGITS] = TensorSpec((1, length, module.cfg.vocab_size), "float32")
         return out
-    length = sample["token_ids"].shape[1]
-    if bundle == "embedder":
-        width = [module.embed_tokens.embedding_dim]
+    length = sample[names.TOKEN_IDS].shape[1]
+    if bundle == names.EMBEDDER:
+        width = (module.embed_tokens.embedding_dim,)
     else:
-        width = [module.cfg.num_layers, module.cfg.hidden_size_per_layer_input]
-    return {"embeddings": {"shape": [1, length, *width], "dtype": "float32"}}
+        width = (module.cfg.num_layers, module.cfg.hidden_size_per_layer_input)
+    return {names.EMBEDDINGS: TensorSpec((1, length, *width), "float32")}
 
 
-def convert_to_tflite(plan: BundlePlan, module: nn.Module, out_path: Path) -> dict:
+def convert_to_tflite(plan: BundlePlan, module: nn.Module, out_path: Path) -> dict[str, Signature]:
     """Convert `module` with every signature of `plan` and write it atomically to `out_path`.
     Returns the manifest's signature table (input / output names, shapes, dtypes)."""
     import litert_torch
@@ -218,7 +213,7 @@ def convert_to_tflite(plan: BundlePlan, module: nn.Module, out_path: Path) -> di
     for sig_name, logits, sample in plan.signatures:
         key = (plan.name, logits)
         if key not in wrappers:
-            wrapper = TextCoreSignature(module, logits) if plan.name == "text_core" else SIGNATURE_WRAPPERS[plan.name](module)
+            wrapper = TextCoreSignature(module, logits) if plan.name == names.TEXT_CORE else SIGNATURE_WRAPPERS[plan.name](module)
             wrappers[key] = wrapper.eval()
         builder = (litert_torch if builder is None else builder).signature(sig_name, wrappers[key], sample_kwargs=sample)
     try:
@@ -229,15 +224,15 @@ def convert_to_tflite(plan: BundlePlan, module: nn.Module, out_path: Path) -> di
             # attention mask), an invalid file. Without it, a weight times a constant stays a MUL
             # in the graph; the bundle writer folds the audio encoder's (quant/streaming.py).
             edge_model = builder.convert(lightweight_conversion=True,
-                                         runtime_constant_folding=False if plan.name == "audio_encoder" else None)
+                                         runtime_constant_folding=False if plan.name == names.AUDIO_ENCODER else None)
     except Exception as exc:  # litert-torch surfaces lowering failures as many exception types
         raise ExportError(f"litert-torch could not convert {plan.file}: {type(exc).__name__}: {exc}") from exc
 
     signatures = {
-        sig_name: {
-            "inputs": {k: _tensor_spec(v) for k, v in sample.items()},
-            "outputs": output_specs(plan.name, sample, logits, module),
-        }
+        sig_name: Signature(
+            inputs={k: _tensor_spec(v) for k, v in sample.items()},
+            outputs=output_specs(plan.name, sample, logits, module),
+        )
         for sig_name, logits, sample in plan.signatures
     }
     with atomic_path(out_path) as tmp:

@@ -26,9 +26,8 @@ import torch.nn.functional as F
 from litert_torch.generative.custom_ops.dynamic_update_slice import dynamic_update_slice
 from torch import nn
 
+from bundle.names import MASK_BLOCKED as MASK_VALUE
 from converter.config import HardTokens, TextConfig, gaussian_topk_multiplier
-
-MASK_VALUE = -1e9  # finite so that fp16 accelerators and softmax never see inf - inf
 
 
 class RMSNorm(nn.Module):

@@ -20,20 +20,18 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from bundle import names
+from bundle.errors import CheckpointError, G3nError, QualityError
+from bundle.files import atomic_path, folder_lock
+from bundle.manifest import BundleEntry, Manifest, Mask, Source, file_entry, prepare_output_dir, write_manifest
 from converter import __version__
-from converter.bundle import FORMAT, FORMAT_VERSION, atomic_path, file_entry, prepare_output_dir, write_manifest
 from converter.checkpoint import RandomWeights, SafetensorsCheckpoint, expected_shapes
 from converter.config import VARIANTS, EncoderConfig, TextConfig, encoder_configs_from_hf, load_hf_config, variant_config, variant_encoders
-from converter.errors import CheckpointError, G3nError, QualityError
 from converter.export import build_module, convert_to_tflite, encoder_bundle_plan, encoder_manifest, text_bundle_plans
-from converter.model import MASK_VALUE
 from converter.standins import materialize_with_standins
 from quant.recipes import BLOCK_SIZES, SCHEMES, bundle_scheme, plan_quantization
 from quant.streaming import write_bundle
 
-TEXT_BUNDLES = ("embedder", "ple", "text_core")
-ENCODER_BUNDLES = ("vision_encoder", "audio_encoder")
-ALL_BUNDLES = TEXT_BUNDLES + ENCODER_BUNDLES
 WORK_DIR = ".g3n-work"  # converted graphs before their weights are written; float originals for the quality report
 
 
@@ -97,10 +95,10 @@ def resolve_encoders(cfg: TextConfig, checkpoint: Path | None) -> dict[str, Enco
 
 
 def choose_bundles(opts: ConvertOptions, encoders: dict[str, EncoderConfig]) -> tuple[str, ...]:
-    available = TEXT_BUNDLES + tuple(e.bundle for e in encoders.values())
+    available = names.TEXT_BUNDLES + tuple(e.bundle for e in encoders.values())
     if opts.bundles is None:
         return available
-    missing = [b for b in opts.bundles if b in ENCODER_BUNDLES and b not in available]
+    missing = [b for b in opts.bundles if b in names.ENCODER_BUNDLES and b not in available]
     if missing:
         raise G3nError(f"the checkpoint has no {' or '.join(missing)} (a text-only Gemma3nForCausalLM); "
                        f"choose from {', '.join(available)}")
@@ -113,9 +111,9 @@ def find_tokenizer(opts: ConvertOptions, checkpoint: Path | None) -> Path | None
             raise G3nError(f"--tokenizer {opts.tokenizer} does not exist")
         return Path(opts.tokenizer)
     if checkpoint is not None:
-        path = checkpoint / "tokenizer.model"
+        path = checkpoint / names.TOKENIZER_FILE
         if not path.is_file():
-            raise CheckpointError(f"{checkpoint} has no tokenizer.model (SentencePiece); pass --tokenizer PATH")
+            raise CheckpointError(f"{checkpoint} has no {names.TOKENIZER_FILE} (SentencePiece); pass --tokenizer PATH")
         return path
     return None
 
@@ -141,14 +139,14 @@ def check_quant_options(opts: ConvertOptions) -> dict[str, str]:
             raise G3nError(f"unknown quantization scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
     if opts.block_size not in BLOCK_SIZES:
         raise G3nError(f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))}")
-    return {b: bundle_scheme(b, opts.quant, opts.quant_overrides) for b in (opts.bundles or ALL_BUNDLES)}
+    return {b: bundle_scheme(b, opts.quant, opts.quant_overrides) for b in (opts.bundles or names.ALL_BUNDLES)}
 
 
 def convert(opts: ConvertOptions, on_stage: Callable[[str], None] = lambda s: None) -> dict:
-    """Convert and write the bundle folder; returns the manifest."""
-    unknown = set(opts.bundles or ()) - set(ALL_BUNDLES)
+    """Convert and write the bundle folder; returns the manifest as written (its JSON object)."""
+    unknown = set(opts.bundles or ()) - set(names.ALL_BUNDLES)
     if unknown:
-        raise G3nError(f"unknown bundle(s) {', '.join(sorted(unknown))}; choose from {', '.join(ALL_BUNDLES)}")
+        raise G3nError(f"unknown bundle(s) {', '.join(sorted(unknown))}; choose from {', '.join(names.ALL_BUNDLES)}")
     schemes = check_quant_options(opts)
 
     started = time.perf_counter()
@@ -169,92 +167,95 @@ def convert(opts: ConvertOptions, on_stage: Callable[[str], None] = lambda s: No
     plans += [encoder_bundle_plan(enc) for enc in encoders.values()]
 
     out = Path(opts.out)
-    prepare_output_dir(out)
-    work = out / WORK_DIR
-    float_files: dict[str, Path] = {}
-    unscored: dict[str, str] = {}  # quantized bundles the report cannot score here, and why
-    bundles = {}
-    try:
-        for plan in plans:
-            on_stage(f"{plan.name}: loading weights")
-            module, standins = materialize_with_standins(build_module(plan, cfg), plan.weights_prefix, source)
-            params = sum(math.prod(shapes[plan.weights_prefix + name]) for name, _ in module.named_parameters())
-            quant = plan_quantization(plan.name, schemes[plan.name], opts.block_size, module)
-            on_stage(f"{plan.name}: converting with litert-torch ({len(plan.signatures)} signatures)")
-            work.mkdir(exist_ok=True)
-            converted = work / f"{plan.name}.converted.tflite"
-            signatures = convert_to_tflite(plan, module, converted)
-            del module
-            release_freed_memory()
-            if quant.scheme != "none" and opts.quality_report:  # the float original, for the report
-                unfit = reference_memory_problem(plan.name, params)
-                if unfit:
-                    unscored[plan.name] = unfit
-                else:
-                    on_stage(f"{plan.name}: writing float weights for the quality report")
-                    float_files[plan.name] = work / plan.file
-                    write_bundle(converted, float_files[plan.name], plan_quantization(plan.name, "none", opts.block_size, None), standins, source)
-            on_stage(f"{plan.name}: writing weights" + (f" ({quant.scheme})" if quant.scheme != "none" else ""))
-            with atomic_path(out / plan.file) as tmp:
-                write_bundle(converted, tmp, quant, standins, source)
-            converted.unlink()
-            release_freed_memory()
-            entry = file_entry(out / plan.file)
-            bundles[plan.name] = {
-                **entry,
-                "parameters": params,
-                "bits_per_weight": round(8 * entry["bytes"] / params, 3),
-                "quantization": quant.to_manifest(),
-                "signatures": signatures,
-            }
+    with folder_lock(out, "g3n-convert run"):  # one writer per folder; stale partial files removed
+        prepare_output_dir(out)
+        work = out / WORK_DIR
+        float_files: dict[str, Path] = {}
+        unscored: dict[str, str] = {}  # quantized bundles the report cannot score here, and why
+        bundles = {}
+        try:
+            for plan in plans:
+                on_stage(f"{plan.name}: loading weights")
+                module, standins = materialize_with_standins(build_module(plan, cfg), plan.weights_prefix, source)
+                params = sum(math.prod(shapes[plan.weights_prefix + name]) for name, _ in module.named_parameters())
+                quant = plan_quantization(plan.name, schemes[plan.name], opts.block_size, module)
+                on_stage(f"{plan.name}: converting with litert-torch ({len(plan.signatures)} signatures)")
+                work.mkdir(exist_ok=True)
+                converted = work / f"{plan.name}.converted.tflite"
+                signatures = convert_to_tflite(plan, module, converted)
+                del module
+                release_freed_memory()
+                if quant.scheme != "none" and opts.quality_report:  # the float original, for the report
+                    unfit = reference_memory_problem(plan.name, params)
+                    if unfit:
+                        unscored[plan.name] = unfit
+                    else:
+                        on_stage(f"{plan.name}: writing float weights for the quality report")
+                        float_files[plan.name] = work / plan.file
+                        write_bundle(converted, float_files[plan.name], plan_quantization(plan.name, "none", opts.block_size, None), standins, source)
+                on_stage(f"{plan.name}: writing weights" + (f" ({quant.scheme})" if quant.scheme != "none" else ""))
+                with atomic_path(out / plan.file) as tmp:
+                    write_bundle(converted, tmp, quant, standins, source)
+                converted.unlink()
+                release_freed_memory()
+                entry = file_entry(out / plan.file)
+                bundles[plan.name] = BundleEntry(
+                    file=entry.file,
+                    bytes=entry.bytes,
+                    sha256=entry.sha256,
+                    parameters=params,
+                    bits_per_weight=round(8 * entry.bytes / params, 3),
+                    quantization=quant.to_manifest(),
+                    signatures=signatures,
+                )
 
-        files = {}
-        if tokenizer is not None:
-            on_stage("copying tokenizer.model")
-            with atomic_path(out / "tokenizer.model") as tmp:
-                shutil.copyfile(tokenizer, tmp)
-            files["tokenizer"] = file_entry(out / "tokenizer.model")
+            files = {}
+            if tokenizer is not None:
+                on_stage(f"copying {names.TOKENIZER_FILE}")
+                with atomic_path(out / names.TOKENIZER_FILE) as tmp:
+                    shutil.copyfile(tokenizer, tmp)
+                files[names.TOKENIZER] = file_entry(out / names.TOKENIZER_FILE)
 
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "variant": cfg.name,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "tool": {"name": "g3n-convert", "version": __version__, **library_versions()},
-            "source": {
-                "kind": "checkpoint" if checkpoint_dir is not None else "random-weights",
-                "path": str(checkpoint_dir) if checkpoint_dir is not None else None,
-                "seed": opts.seed if checkpoint_dir is None else None,
-                "sha256": source.fingerprint(),
-            },
-            "config": cfg.to_dict(),
-            "cache_length": opts.cache_length,
-            "prefill_lengths": sorted(set(opts.prefill_lengths)),
-            "kv_cache_layout": {"k": "[1, kv_heads, cache_length, head_dim]", "v": "[1, kv_heads, head_dim, cache_length]"},
-            "mask": {"attend": 0.0, "blocked": MASK_VALUE, "note": "full-attention mask; sliding layers narrow it in-graph"},
-            "bundles": bundles,
-            "encoders": {m: encoder_manifest(e) for m, e in encoders.items()},
-            "files": files,
-        }
-        if (float_files or unscored) and opts.quality_report:
-            from quant.quality import quality_report
+            manifest = Manifest(
+                variant=cfg.name,
+                created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                tool={"name": "g3n-convert", "version": __version__, **library_versions()},
+                source=Source(
+                    kind="checkpoint" if checkpoint_dir is not None else "random-weights",
+                    path=str(checkpoint_dir) if checkpoint_dir is not None else None,
+                    seed=opts.seed if checkpoint_dir is None else None,
+                    sha256=source.fingerprint(),
+                ),
+                config=cfg.to_dict(),
+                cache_length=opts.cache_length,
+                prefill_lengths=tuple(sorted(set(opts.prefill_lengths))),
+                kv_cache_layout=dict(names.KV_CACHE_LAYOUT),
+                mask=Mask(attend=names.MASK_ATTEND, blocked=names.MASK_BLOCKED,
+                          note="full-attention mask; sliding layers narrow it in-graph"),
+                bundles=bundles,
+                encoders={m: encoder_manifest(e) for m, e in encoders.items()},
+                files=files,
+            )
+            if (float_files or unscored) and opts.quality_report:
+                from converter.quality import quality_report
 
-            on_stage("measuring quantization quality against the float bundles")
-            manifest["quality"] = quality_report(out, manifest, float_files, schemes, out / "tokenizer.model" if files else None, unscored)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+                on_stage("measuring quantization quality against the float bundles")
+                manifest.quality = quality_report(out, manifest, float_files, schemes,
+                                                  out / names.TOKENIZER_FILE if files else None, unscored)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
 
-    failures = manifest.get("quality", {}).get("warnings", [])
-    if failures and opts.strict:
-        raise QualityError(
-            "quantized quality is below the threshold (--strict), so no manifest.json was written:\n  "
-            + "\n  ".join(failures)
-            + "\nTry --quant int8, or a per-bundle override such as --quant-text int8"
-        )
-    manifest["conversion_seconds"] = round(time.perf_counter() - started, 1)
-    on_stage("writing manifest.json")
-    write_manifest(out, manifest)
-    return manifest
+        failures = (manifest.quality or {}).get("warnings", [])
+        if failures and opts.strict:
+            raise QualityError(
+                "quantized quality is below the threshold (--strict), so no manifest.json was written:\n  "
+                + "\n  ".join(failures)
+                + "\nTry --quant int8, or a per-bundle override such as --quant-text int8"
+            )
+        manifest.conversion_seconds = round(time.perf_counter() - started, 1)
+        on_stage(f"writing {names.MANIFEST}")
+        write_manifest(out, manifest)
+        return manifest.to_dict()
 
 
 def physical_memory() -> int:
@@ -266,7 +267,7 @@ def reference_memory_problem(bundle: str, params: int) -> str | None:
 
     Scoring the text path runs the float32 text core, whose weights are all resident while it runs;
     above half the machine's memory (E4B: 18 GB) that would dwarf the rest of the conversion."""
-    if bundle != "text_core":
+    if bundle != names.TEXT_CORE:
         return None  # the embedder and PLE references read only the rows of the prompts' tokens
     need, total = 4 * params, physical_memory()
     if need <= total / 2:

@@ -16,35 +16,16 @@ Small weights (norms, AltUp's coefficient layers) are loaded for real and conver
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from torch import nn
 
+from bundle.errors import ExportError
 from converter.checkpoint import init_buffers
-from converter.errors import ExportError
+from quant.streaming import PROBE_VALUES, StandIn
 
 MIN_STANDIN_ELEMENTS = 1 << 16  # smaller weights are converted with their real values
 TABLE_STANDIN_ROWS = 16
-KEY_BYTES = 16  # four float32 values of the pool: unique per offset, with overwhelming probability
-PROBE_VALUES = 1024  # stand-in values kept to recover a scale the converter folded into a weight
-
-
-@dataclass(frozen=True, eq=False)
-class StandIn:
-    name: str  # the weight's name in the weight source ("decoder.layers.0.mlp.up_proj.weight")
-    shape: tuple[int, int]  # its real shape
-    standin_shape: tuple[int, int]  # the shape it was converted with (fewer rows for a table)
-    probe: np.ndarray  # its first PROBE_VALUES values
-
-    @property
-    def key(self) -> bytes:
-        return self.probe[: KEY_BYTES // 4].tobytes()
-
-    @property
-    def standin_bytes(self) -> int:
-        return 4 * self.standin_shape[0] * self.standin_shape[1]
 
 
 def materialize_with_standins(

@@ -18,32 +18,34 @@ block that divides its rows. The bundle's manifest entry records every such fall
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from converter.errors import ExportError
+from bundle import names
+from bundle.errors import ExportError
 
 SCHEMES = ("none", "int8", "int4")
 BLOCK_SIZES = (32, 64, 128, 256)  # what ai-edge-quantizer's blockwise granularity offers
-ENCODER_BUNDLES = ("vision_encoder", "audio_encoder")  # conv / conformer encoders: int4 costs them too much, default int8
 
 # Which ops carry a bundle's weights (everything else in the graph stays float).
 BUNDLE_OPS = {
-    "embedder": ("EMBEDDING_LOOKUP", "FULLY_CONNECTED"),  # + the hard-token projections
-    "ple": ("EMBEDDING_LOOKUP",),
-    "text_core": ("FULLY_CONNECTED",),
-    "vision_encoder": ("CONV_2D", "FULLY_CONNECTED"),  # MobileNet-V5's weights are mostly 1x1 convolutions
-    "audio_encoder": ("FULLY_CONNECTED",),  # the conformer's projections and feed-forwards
+    names.EMBEDDER: ("EMBEDDING_LOOKUP", "FULLY_CONNECTED"),  # + the hard-token projections
+    names.PLE: ("EMBEDDING_LOOKUP",),
+    names.TEXT_CORE: ("FULLY_CONNECTED",),
+    names.VISION_ENCODER: ("CONV_2D", "FULLY_CONNECTED"),  # MobileNet-V5's weights are mostly 1x1 convolutions
+    names.AUDIO_ENCODER: ("FULLY_CONNECTED",),  # the conformer's projections and feed-forwards
 }
 
 
 def bundle_scheme(bundle: str, default: str, overrides: dict[str, str] | None = None) -> str:
-    """The scheme a bundle gets: its own override, else the default (int4 -> int8 for encoders)."""
+    """The scheme a bundle gets: its own override, else the default (int4 -> int8 for the conv /
+    conformer encoders, which int4 costs too much)."""
     if overrides and overrides.get(bundle):
         return overrides[bundle]
-    if bundle in ENCODER_BUNDLES and default == "int4":
+    if bundle in names.ENCODER_BUNDLES and default == "int4":
         return "int8"
     return default
 
@@ -72,6 +74,17 @@ class BundleQuant:
     block_size: int | None = None  # int4: block of the linear layers (along their input dim)
     table_block_size: int | None = None  # int4: block of the embedding tables (None: int8 fallback)
     int8_linears: tuple[str, ...] = field(default_factory=tuple)  # layers whose input width the block does not divide
+
+    def storage(self, op: str, width: int) -> tuple[int, int | None]:
+        """How a weight feeding `op`, whose quantized (input / row) dimension is `width`, is
+        stored: (bits, int4 block). The one place the per-tensor int4-or-int8 choice is made."""
+        if self.scheme == "none" or op not in BUNDLE_OPS[self.bundle]:
+            return 32, None
+        if self.scheme == "int4" and op != "CONV_2D":
+            block = self.table_block_size if op == "EMBEDDING_LOOKUP" else self.block_size
+            if block and width % block == 0:
+                return 4, block
+        return 8, None  # int8, or an int4 layer / table whose width the block does not divide
 
     def recipe(self) -> list[dict]:
         if self.scheme == "none":
@@ -114,12 +127,12 @@ def plan_quantization(bundle: str, scheme: str, block_size: int, module) -> Bund
         raise ValueError(f"block size must be one of {', '.join(map(str, BLOCK_SIZES))}")
     if scheme != "int4":
         return BundleQuant(bundle, scheme)
-    narrow = sorted(
-        {name.rsplit(".", 1)[-1] for name, m in module.named_modules() if isinstance(m, nn.Linear) and m.in_features % block_size}
-    )
     widths = [m.embedding_dim for m in module.modules() if isinstance(m, nn.Embedding)]
     table_block = next((b for b in sorted(BLOCK_SIZES, reverse=True) if b <= block_size and all(w % b == 0 for w in widths)), None)
-    return BundleQuant(bundle, scheme, block_size, table_block, tuple(narrow))
+    plan = BundleQuant(bundle, scheme, block_size, table_block)
+    narrow = sorted({name.rsplit(".", 1)[-1] for name, m in module.named_modules()
+                     if isinstance(m, nn.Linear) and plan.storage("FULLY_CONNECTED", m.in_features)[0] == 8})
+    return dataclasses.replace(plan, int8_linears=tuple(narrow))
 
 
 def quantize_file(src: Path, dst: Path, plan: BundleQuant) -> None:

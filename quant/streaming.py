@@ -2,7 +2,7 @@
 
 Two jobs, one pass, a slice of rows at a time:
 
-  * fill: the graph was converted with stand-in weights (converter/standins.py); each stand-in's
+  * fill: the graph was converted with stand-in weights (StandIn, made by converter/standins.py); each stand-in's
     buffer is recognised by its key and replaced by the real weight, read row slice by row slice
     from the weight source. Where the converter folded a constant scale into a weight (an FC
     followed by a multiply, e.g. the logit soft-cap's 1/30), the scale is recovered exactly from
@@ -30,11 +30,31 @@ from pathlib import Path
 
 import numpy as np
 
-from converter.errors import ExportError
+from bundle.errors import ExportError
 from quant.recipes import BUNDLE_OPS, BundleQuant
 
+KEY_BYTES = 16  # a stand-in is recognised by its first four float32 values: unique per pool offset
+PROBE_VALUES = 1024  # stand-in values kept to recover a scale the converter folded into a weight
 CHUNK_BYTES = 64 << 20  # float rows processed at a time
 EXTERNAL_MIN_BYTES = 1024  # buffers at least this big go after the flatbuffer body, as ai-edge-quantizer does
+
+
+@dataclass(frozen=True, eq=False)
+class StandIn:
+    """A weight the graph was converted with in place of the real one (converter/standins.py)."""
+
+    name: str  # the weight's name in the weight source ("decoder.layers.0.mlp.up_proj.weight")
+    shape: tuple[int, int]  # its real shape
+    standin_shape: tuple[int, int]  # the shape it was converted with (fewer rows for a table)
+    probe: np.ndarray  # its first PROBE_VALUES values
+
+    @property
+    def key(self) -> bytes:
+        return self.probe[: KEY_BYTES // 4].tobytes()
+
+    @property
+    def standin_bytes(self) -> int:
+        return 4 * self.standin_shape[0] * self.standin_shape[1]
 
 
 def _round16(n: int) -> int:
@@ -155,8 +175,6 @@ def _op_names(model) -> dict[int, str]:
 
 def _find_standins(model, standins: dict, op_names: dict[int, str]) -> dict[int, tuple[object, np.float32 | None]]:
     """Buffer index -> (stand-in, folded scale or None) for every stand-in in the converted model."""
-    from converter.standins import KEY_BYTES, PROBE_VALUES
-
     found: dict[int, tuple[object, np.float32 | None]] = {}
     for index, buffer in enumerate(model.buffers):
         if buffer.data is not None and len(buffer.data) >= KEY_BYTES:
@@ -257,11 +275,7 @@ def write_bundle(src: Path, dst: Path, plan: BundleQuant, standins: dict | None 
                     data = _floats(model.buffers[tensor.buffer]).reshape(tensor.shape[0], -1)
                     weight = weights[tensor.buffer] = _Weight(data.shape, _inline_reader(data))
                 if weight.bits == 32:
-                    block = plan.table_block_size if kind == "EMBEDDING_LOOKUP" else plan.block_size
-                    if kind != "CONV_2D" and plan.scheme == "int4" and block and weight.shape[1] % block == 0:
-                        weight.bits, weight.block = 4, block
-                    else:  # int8, or an int4 layer / table whose width the block does not divide
-                        weight.bits = 8
+                    weight.bits, weight.block = plan.storage(kind, weight.shape[1])
                 weight.quantized_tensors.append((subgraph, tensor))
 
     scales_tensors: dict[int, int] = {}  # id(quantized int4 tensor) -> index of its scales tensor

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from converter.errors import BundleError
+from bundle.errors import BundleError
 
 START_OF_TURN, END_OF_TURN = "<start_of_turn>", "<end_of_turn>"
 _MARKERS = re.compile(f"({re.escape(START_OF_TURN)}|{re.escape(END_OF_TURN)})")

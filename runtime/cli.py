@@ -9,8 +9,8 @@ from pathlib import Path
 
 import click
 
-from converter.errors import G3nError
-from runtime.engine import quiet_native_teardown
+from bundle.errors import G3nError
+from bundle.native_logs import quiet_native_teardown
 
 EPILOG = """\b
 Examples:
@@ -117,7 +117,7 @@ def _stream(session, prompt: str, options: dict) -> None:
 def _interactive(session, options: dict, stats: bool) -> None:
     from runtime.session import ContextFullError, MediaError
 
-    click.echo(f"g3n-run: {session.folder} ({session.manifest['variant']}, cache {session.cache_length} tokens). "
+    click.echo(f"g3n-run: {session.folder} ({session.manifest.variant}, cache {session.cache_length} tokens). "
                "/image PATH or /audio PATH attaches a file to the next prompt, /reset starts over, "
                "/exit or Ctrl-D leaves.", err=True)
     # --image / --audio attach to the first prompt; media are per prompt, not per chat.

@@ -23,41 +23,22 @@ crash the process on a damaged file.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from converter.bundle import read_manifest
-from converter.errors import BundleError
-from converter.native_logs import native_stderr_to_devnull
+from bundle import names
+from bundle.errors import BundleError
+from bundle.manifest import Manifest, open_bundle
+from bundle.native_logs import quiet_native_logs
 
-TEXT_BUNDLES = ("text_core", "embedder", "ple")
-SMALL_INPUTS = ("embeddings", "per_layer_embeddings", "input_pos", "mask")
+LOAD_ORDER = (names.TEXT_CORE, names.EMBEDDER, names.PLE)  # the text bundles, in the order they load
 # Relative costs for planning prompt chunks, in prefill positions (E2B int4, 2 threads: a decode
 # call ~100 ms, a prefill position ~24 ms; docs/BENCHMARKS.md). CALL_COST: per-call lookups and copies.
 DECODE_COST = 4
 CALL_COST = 1
-
-
-def quiet_native_logs():
-    """LiteRT's C++ side logs accelerator and plugin discovery (dozens of INFO / WARNING lines)
-    straight to file descriptor 2. Send them to /dev/null while models load; errors still arrive
-    as Python exceptions. G3N_LITERT_LOGS=1 keeps them."""
-    return contextlib.nullcontext() if os.environ.get("G3N_LITERT_LOGS") == "1" else native_stderr_to_devnull()
-
-
-def quiet_native_teardown() -> None:
-    """LiteRT logs every accelerator it destroys at process exit to file descriptor 2. A command
-    calls this once everything it has to say is printed."""
-    if os.environ.get("G3N_LITERT_LOGS") == "1":
-        return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
 
 
 def open_interpreter(path: Path, num_threads: int | None = None, reference: bool = False):
@@ -86,7 +67,7 @@ class InterpreterCore:
             self.runners[signature] = self.interpreter.get_signature_runner(signature)
         out = self.runners[signature](**inputs, **self.kv)
         self.kv = {k: out[k] for k in self.kv}
-        return out["logits"][0, -1] if want_logits else None
+        return out[names.LOGITS][0, -1] if want_logits else None
 
 
 def default_weight_cache_dir() -> Path:
@@ -121,10 +102,11 @@ class CompiledCore:
                 self.model = CompiledModel.from_file(str(path), options=options)
                 signatures = self.model.get_signature_list()
                 # One cache, shared by every signature and passed as input and output: updated in place.
-                self.cache = {name: self.model.create_input_buffer_by_name("decode", name) for name in cache_shapes}
-                self.inputs = {s: {n: self.model.create_input_buffer_by_name(s, n) for n in SMALL_INPUTS} for s in signatures}
-                vocab = int(np.prod(self.model.get_output_tensor_details("decode")["logits"]["shape"]))
-                self.logits = (self.model.create_output_buffer_by_name("decode", "logits"), vocab)
+                self.cache = {name: self.model.create_input_buffer_by_name(names.DECODE, name) for name in cache_shapes}
+                self.inputs = {s: {n: self.model.create_input_buffer_by_name(s, n) for n in names.TEXT_CORE_INPUTS}
+                               for s in signatures}
+                vocab = int(np.prod(self.model.get_output_tensor_details(names.DECODE)[names.LOGITS]["shape"]))
+                self.logits = (self.model.create_output_buffer_by_name(names.DECODE, names.LOGITS), vocab)
         except (ValueError, RuntimeError) as exc:
             raise BundleError(f"LiteRT could not compile {path}: {exc}") from exc
         self.cache_shapes = cache_shapes
@@ -140,8 +122,8 @@ class CompiledCore:
         for name, value in inputs.items():
             buffers[name].write(value)
         outputs = dict(self.cache)
-        if signature == "decode":
-            outputs["logits"] = self.logits[0]
+        if signature == names.DECODE:
+            outputs[names.LOGITS] = self.logits[0]
         if signature in self.warm:
             self.model.run_by_name(signature, {**buffers, **self.cache}, outputs)
         else:  # the first run of a signature sets up its accelerator environment, loudly
@@ -165,43 +147,45 @@ class EncoderEngine:
 
 
 class TextEngine:
-    """`files` replaces some bundles' paths (the quality report pairs float and quantized files)."""
+    """`manifest`: the folder's, already checked (bundle.manifest.open_bundle; read and checked
+    here when None). `files` replaces some bundles' paths (the quality report pairs float and
+    quantized files)."""
 
-    def __init__(self, folder: Path, num_threads: int | None = None, *, manifest: dict | None = None,
+    def __init__(self, folder: Path, num_threads: int | None = None, *, manifest: Manifest | None = None,
                  files: dict[str, Path] | None = None, backend: str = "compiled", reference: bool = False,
                  weight_cache_dir: Path | None = None):
         self.folder = Path(folder)
-        self.manifest = manifest if manifest is not None else read_manifest(self.folder)
-        self.cache_length = int(self.manifest["cache_length"])
-        self.prefill_lengths = sorted(int(n) for n in self.manifest["prefill_lengths"])
-        self.blocked = np.float32(self.manifest["mask"]["blocked"])
-        paths = {}
-        for name in TEXT_BUNDLES:
-            entry = self.manifest["bundles"].get(name)
-            if entry is None:
-                raise BundleError(f"{self.folder} has no {name} bundle in its manifest")
-            paths[name] = (files or {}).get(name) or self.folder / entry["file"]
-            if files is None and (not paths[name].is_file() or paths[name].stat().st_size != entry["bytes"]):
-                raise BundleError(f"{paths[name]} is missing or does not have the size recorded in manifest.json")
-        spec = self.manifest["bundles"]["text_core"]["signatures"]["decode"]["inputs"]
-        cache_shapes = {k: v["shape"] for k, v in spec.items() if k.startswith("kv_cache_")}
+        self.manifest = manifest if manifest is not None else open_bundle(self.folder, needs=names.TEXT_BUNDLES)
+        self.cache_length = self.manifest.cache_length
+        self.prefill_lengths = sorted(self.manifest.prefill_lengths)
+        self.blocked = np.float32(self.manifest.mask.blocked)
+        missing = [name for name in names.TEXT_BUNDLES if name not in self.manifest.bundles]
+        if missing:
+            raise BundleError(f"{self.folder} has no {', '.join(missing)} bundle in its manifest")
+        paths = {name: (files or {}).get(name) or self.folder / self.manifest.bundles[name].file for name in LOAD_ORDER}
+        core_entry = self.manifest.bundles[names.TEXT_CORE]
+        decode = core_entry.signatures.get(names.DECODE)
+        if decode is None:
+            raise BundleError(f"{self.folder}: the text core has no {names.DECODE} signature in manifest.json")
+        cache_shapes = {k: list(v.shape) for k, v in decode.inputs.items() if k.startswith(names.KV_CACHE_PREFIX)}
         if backend == "compiled" and not reference:
             weight_cache = None
-            if weight_cache_dir is not None and "text_core" not in (files or {}):
+            if weight_cache_dir is not None and names.TEXT_CORE not in (files or {}):
                 # Named by the file's sha256, so a changed bundle never meets a stale cache.
-                sha = self.manifest["bundles"]["text_core"]["sha256"]
-                weight_cache = Path(weight_cache_dir) / f"text_core-{sha[:16]}.xnnpack_cache"
-            self.core = CompiledCore(paths["text_core"], cache_shapes, num_threads, weight_cache)
+                weight_cache = Path(weight_cache_dir) / f"{names.TEXT_CORE}-{core_entry.sha256[:16]}.xnnpack_cache"
+            self.core = CompiledCore(paths[names.TEXT_CORE], cache_shapes, num_threads, weight_cache)
         elif backend in ("compiled", "interpreter"):
-            self.core = InterpreterCore(paths["text_core"], cache_shapes, num_threads, reference)
+            self.core = InterpreterCore(paths[names.TEXT_CORE], cache_shapes, num_threads, reference)
         else:
             raise ValueError(f"unknown backend {backend!r}")
-        emb, ple = (open_interpreter(paths[n], num_threads, reference) for n in ("embedder", "ple"))
-        self._lookups = {
-            n: (emb.get_signature_runner(f"prefill_embedder_{n}"), ple.get_signature_runner(f"prefill_per_layer_embedder_{n}"))
-            for n in self.prefill_lengths
-        }
-        self._lookups[1] = (emb.get_signature_runner("decode_embedder"), ple.get_signature_runner("decode_per_layer_embedder"))
+        emb, ple = (open_interpreter(paths[n], num_threads, reference) for n in (names.EMBEDDER, names.PLE))
+
+        def lookups(length: int | None):
+            return (emb.get_signature_runner(names.lookup_signature(names.EMBEDDER, length)),
+                    ple.get_signature_runner(names.lookup_signature(names.PLE, length)))
+
+        self._lookups = {n: lookups(n) for n in self.prefill_lengths}
+        self._lookups[1] = lookups(None)
         self.reset()
 
     def reset(self) -> None:
@@ -215,22 +199,22 @@ class TextEngine:
     def embed(self, token_ids) -> np.ndarray:
         """The embedder's output for single tokens: [len(token_ids), H]."""
         embed = self._lookups[1][0]
-        return np.concatenate([embed(token_ids=np.array([[t]], np.int32))["embeddings"][0] for t in token_ids])
+        return np.concatenate([embed(**{names.TOKEN_IDS: np.array([[t]], np.int32)})[names.EMBEDDINGS][0] for t in token_ids])
 
     def _run(self, token_ids: np.ndarray, positions: np.ndarray, want_logits: bool, soft: dict | None = None):
         n = len(token_ids)
         embed, per_layer = self._lookups[n]
         ids = token_ids.reshape(1, -1).astype(np.int32)
-        embeddings = embed(token_ids=ids)["embeddings"]
+        embeddings = embed(**{names.TOKEN_IDS: ids})[names.EMBEDDINGS]
         for i, vector in (soft or {}).items():  # image / audio soft tokens replace their placeholders' rows
             embeddings[0, i] = vector
         inputs = {
-            "embeddings": embeddings,
-            "per_layer_embeddings": per_layer(token_ids=ids)["embeddings"],
-            "input_pos": positions.astype(np.int32),
-            "mask": self._mask(positions),
+            names.EMBEDDINGS: embeddings,
+            names.PER_LAYER_EMBEDDINGS: per_layer(**{names.TOKEN_IDS: ids})[names.EMBEDDINGS],
+            names.INPUT_POS: positions.astype(np.int32),
+            names.MASK: self._mask(positions),
         }
-        signature = f"prefill_{n}" if not want_logits and n in self.prefill_lengths else "decode"
+        signature = names.prefill(n) if not want_logits and n in self.prefill_lengths else names.DECODE
         return self.core.run(signature, inputs, want_logits)
 
     def plan(self, count: int) -> list[int]:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from converter.errors import BundleError
+from bundle.errors import BundleError
 
 SAMPLE_RATE = 16_000
 FRAME_MS, HOP_MS = 32.0, 10.0

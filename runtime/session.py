@@ -26,10 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from converter.bundle import read_manifest, verify_bundle
-from converter.errors import BundleError
+from bundle import names
+from bundle.errors import BundleError
+from bundle.manifest import EncoderEntry, open_bundle
 from runtime.chat import TextStream, Tokenizer
-from runtime.engine import TEXT_BUNDLES, EncoderEngine, TextEngine, default_weight_cache_dir
+from runtime.engine import LOAD_ORDER, EncoderEngine, TextEngine, default_weight_cache_dir
 from runtime.media import MediaError, audio_window, load_audio, load_image
 from runtime.sampling import Sampler, SamplingConfig
 
@@ -60,22 +61,6 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def open_bundle(folder: Path, verify: bool = False) -> dict:
-    """The folder's manifest, after checking every listed file's size (and sha256 with `verify`)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise BundleError(f"bundle folder {folder} does not exist")
-    manifest = read_manifest(folder)
-    problems = verify_bundle(folder, check_hashes=verify)
-    if problems:
-        hint = "re-copy the folder or convert again" + ("" if verify else "; `g3n-convert verify` checks sha256 too")
-        raise BundleError(f"{folder} does not match its manifest.json: {'; '.join(problems)} ({hint})")
-    missing = [b for b in TEXT_BUNDLES if b not in manifest.get("bundles", {})]
-    if missing:
-        raise BundleError(f"{folder} has no {', '.join(missing)} bundle; g3n-run needs text_core, embedder and ple")
-    return manifest
-
-
 class Session:
     def __init__(self, folder: Path, *, verify: bool = False, num_threads: int | None = None, backend: str = "compiled",
                  weight_cache_dir: Path | None | str = "default"):
@@ -83,17 +68,17 @@ class Session:
         (default: runtime.engine.default_weight_cache_dir()); None packs them in memory every load."""
         started = time.perf_counter()
         self.folder = Path(folder)
-        self.manifest = open_bundle(self.folder, verify)
+        self.manifest = open_bundle(self.folder, check_hashes=verify, needs=names.TEXT_BUNDLES)
         if weight_cache_dir == "default":
             weight_cache_dir = default_weight_cache_dir()
         self.engine = TextEngine(self.folder, num_threads, manifest=self.manifest, backend=backend,
                                  weight_cache_dir=weight_cache_dir)
-        tokenizer = self.manifest.get("files", {}).get("tokenizer")
-        self.tokenizer = Tokenizer(self.folder / tokenizer["file"]) if tokenizer else None
-        self.encoder_specs = self.manifest.get("encoders", {})
+        tokenizer = self.manifest.files.get(names.TOKENIZER)
+        self.tokenizer = Tokenizer(self.folder / tokenizer.file) if tokenizer else None
+        self.encoder_specs = self.manifest.encoders
         if self.tokenizer is not None:
             self.tokenizer.add_special_ids(
-                i for e in self.encoder_specs.values() for i in (e["start_token_id"], e["soft_token_id"], e["end_token_id"]))
+                i for e in self.encoder_specs.values() for i in (e.start_token_id, e.soft_token_id, e.end_token_id))
         self.num_threads = num_threads
         self.encoders: dict[str, EncoderEngine] = {}
         self.load_seconds = time.perf_counter() - started
@@ -116,43 +101,44 @@ class Session:
 
     @property
     def loaded_bundles(self) -> list[str]:
-        return [*TEXT_BUNDLES, *self.encoders]
+        return [*LOAD_ORDER, *self.encoders]
 
     def release_encoders(self) -> None:
         self.encoders.clear()
 
     # -- inputs --------------------------------------------------------------------------------
-    def _encoder(self, kind: str) -> tuple[dict, EncoderEngine | None]:
+    def _encoder(self, kind: str) -> tuple[EncoderEntry, EncoderEngine | None]:
         """The encoder for `kind` ("image" / "audio"): its manifest spec, and its engine once loaded."""
         spec = self.encoder_specs.get(ENCODERS[kind])
-        if spec is None or spec["bundle"] not in self.manifest["bundles"]:
+        if spec is None or spec.bundle not in self.manifest.bundles:
             raise MediaError(
                 f"this bundle has no {ENCODERS[kind]} encoder, so it cannot take --{kind} input; "
-                f"the bundle holds: {', '.join(self.manifest['bundles'])}"
+                f"the bundle holds: {', '.join(self.manifest.bundles)}"
             )
-        return spec, self.encoders.get(spec["bundle"])
+        return spec, self.encoders.get(spec.bundle)
 
     def _read_media(self, kind: str, path: Path) -> tuple[dict[str, np.ndarray], bool]:
         """The encoder's inputs for one image / clip (MediaError if unreadable), and whether a
         clip was cut to the encoder's window."""
         spec, _ = self._encoder(kind)
         if kind == "image":
-            return {"images": load_image(Path(path), spec["image"]["size"])}, False
-        features, cut = load_audio(Path(path), spec["audio"]["mel_bins"], spec["audio"]["frames"])
-        return audio_window(features, spec["audio"]["frames"]), cut
+            return {names.IMAGES: load_image(Path(path), spec.image.size)}, False
+        features, cut = load_audio(Path(path), spec.audio.mel_bins, spec.audio.frames)
+        return audio_window(features, spec.audio.frames), cut
 
     def _encode(self, kind: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
         """Soft-token embeddings [N, H], loading the encoder on first use. Padding tokens of a short
         clip get the embedding of the last audio id, as in the reference."""
         spec, engine = self._encoder(kind)
         if engine is None:
-            bundle = spec["bundle"]
-            engine = self.encoders[bundle] = EncoderEngine(self.folder / self.manifest["bundles"][bundle]["file"], bundle, self.num_threads)
+            bundle = spec.bundle
+            engine = self.encoders[bundle] = EncoderEngine(self.folder / self.manifest.bundles[bundle].file,
+                                                           names.encoder_signature(bundle), self.num_threads)
         out = engine(**inputs)
-        embeddings = out["embeddings"][0]
-        if "mask" in out:
-            padding = self.engine.embed([self.manifest["config"]["vocab_size"] - 1])[0]
-            embeddings = np.where(out["mask"][0, :, None] > 0, embeddings, padding)
+        embeddings = out[names.EMBEDDINGS][0]
+        if names.MASK in out:
+            padding = self.engine.embed([self.manifest.config["vocab_size"] - 1])[0]
+            embeddings = np.where(out[names.MASK][0, :, None] > 0, embeddings, padding)
         return embeddings
 
     def _prompt_ids(self, prompt: str | list[int], raw: bool, system: str | None, media: str = "") -> list[int]:
@@ -185,7 +171,7 @@ class Session:
         if media and self.tokenizer is None:
             raise BundleError(f"{self.folder} has no tokenizer.model, which image / audio prompts need")
         media_text = "".join(
-            self.tokenizer.media_text(s["start_token_id"], s["soft_token_id"], s["soft_tokens"], s["end_token_id"])
+            self.tokenizer.media_text(s.start_token_id, s.soft_token_id, s.soft_tokens, s.end_token_id)
             for s in (self._encoder(kind)[0] for kind, _ in media)
         )
         ids = self._owed + self._prompt_ids(prompt, raw, system, media_text)
@@ -202,7 +188,7 @@ class Session:
         for (kind, path), (encoder_inputs, cut) in zip(media, inputs):  # each fills its placeholders, in prompt order
             encode_started = time.perf_counter()
             embeddings = self._encode(kind, encoder_inputs)
-            soft_id = self._encoder(kind)[0]["soft_token_id"]
+            soft_id = self._encoder(kind)[0].soft_token_id
             slots = [i for i, t in enumerate(ids) if t == soft_id and i not in soft]
             soft.update(zip(slots[: len(embeddings)], embeddings))
             media_stats.append({"kind": kind, "file": str(path), "soft_tokens": int(embeddings.shape[0]),

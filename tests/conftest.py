@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from converter.tiny_checkpoint import build_tiny_checkpoint
+from tests.support.tiny_checkpoint import build_tiny_checkpoint
 
 # Bundle signatures used by the tests: two prefill lengths so chunking and padding are exercised,
 # a cache long enough for a 40-token prompt plus 32 generated tokens.
@@ -78,6 +78,6 @@ def tiny_int8_bundle(tiny_mm_checkpoint, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_int4_bundle(tiny_mm_checkpoint, tmp_path_factory) -> Path:
     """The text bundles only (converting the tiny MobileNet-V5 takes a minute)."""
-    from converter.pipeline import TEXT_BUNDLES
+    from bundle.names import TEXT_BUNDLES
 
     return _quantized_tiny_bundle("int4", tiny_mm_checkpoint, tmp_path_factory, TEXT_BUNDLES)

@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers import Gemma3nForConditionalGeneration
 
-from converter.bundle import sha256_file, verify_bundle
+from bundle.files import sha256_file
+from bundle.manifest import verify_bundle
 from converter.checkpoint import load_text_model
 from converter.model import empty_kv_cache
 from runtime.engine import TextEngine

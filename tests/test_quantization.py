@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from converter.cli import main
 from converter.config import tiny_config
 from converter.model import PerLayerEmbedder, TextDecoder, TokenEmbedder
-from quant.quality import PROMPTS, THRESHOLDS, check_thresholds
+from converter.quality import PROMPTS, THRESHOLDS, check_thresholds
 from quant.recipes import bundle_scheme, plan_quantization, quantize_file
 from runtime.engine import TextEngine
 

@@ -9,7 +9,7 @@ from ai_edge_litert.interpreter import Interpreter
 
 from converter.checkpoint import RandomWeights, SafetensorsCheckpoint, expected_shapes
 from converter.config import load_hf_config, variant_config, variant_encoders
-from converter.errors import ExportError
+from bundle.errors import ExportError
 from converter.export import build_module, convert_to_tflite, encoder_bundle_plan, text_bundle_plans
 from converter.standins import StandIn, materialize_with_standins
 from quant.recipes import plan_quantization, quantize_file

@@ -1,4 +1,5 @@
-"""Quality report of quantized bundles against their float originals, on fixed inputs.
+"""Quality report of quantized bundles against their float originals, on fixed inputs: a
+pipeline step that runs the bundles with the runtime, so it sits above both quant/ and runtime/.
 
 Per bundle: cosine similarity of the quantized bundle's outputs to the float bundle's.
   embedder / ple: the embeddings of the fixed prompts' tokens.
@@ -17,6 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from bundle import names
+from bundle.manifest import EncoderEntry, Manifest
 
 # Fixed prompt set: a few varied sentences, tokenized with the bundle's tokenizer when it has one.
 PROMPTS = (
@@ -50,16 +54,16 @@ class Threshold:
 # (docs/QUANTIZATION.md lists the measurements), so crossing one means the weights quantize badly
 # (outliers, a broken checkpoint), not ordinary rounding noise.
 THRESHOLDS: dict[tuple[str, str], dict[str, Threshold]] = {
-    ("embedder", "int8"): {"cosine": Threshold(0.999, "a table lookup: the error is the rounding of one row, ~0.1%")},
-    ("embedder", "int4"): {"cosine": Threshold(0.98, "one row's int4 rounding; healthy tables score >= 0.99")},
-    ("ple", "int8"): {"cosine": Threshold(0.999, "a table lookup: the error is the rounding of one row, ~0.1%")},
-    ("ple", "int4"): {"cosine": Threshold(0.98, "one row's int4 rounding; healthy tables score >= 0.99")},
-    ("text_core", "int8"): {"cosine": Threshold(0.99, "the errors of hundreds of int8 matmuls compound through the layers")},
-    ("text_core", "int4"): {"cosine": Threshold(0.9, "int4 matmul errors compound through every layer")},
-    ("vision_encoder", "int8"): {"cosine": Threshold(0.98, "int8 rounding compounds through MobileNet-V5's ~80 blocks")},
-    ("audio_encoder", "int8"): {"cosine": Threshold(0.98, "int8 rounding compounds through the conformer's layers")},
-    ("vision_encoder", "int4"): {"cosine": Threshold(0.9, "int4 projections on top of int8 convolutions")},
-    ("audio_encoder", "int4"): {"cosine": Threshold(0.9, "int4 rounding in every conformer projection")},
+    (names.EMBEDDER, "int8"): {"cosine": Threshold(0.999, "a table lookup: the error is the rounding of one row, ~0.1%")},
+    (names.EMBEDDER, "int4"): {"cosine": Threshold(0.98, "one row's int4 rounding; healthy tables score >= 0.99")},
+    (names.PLE, "int8"): {"cosine": Threshold(0.999, "a table lookup: the error is the rounding of one row, ~0.1%")},
+    (names.PLE, "int4"): {"cosine": Threshold(0.98, "one row's int4 rounding; healthy tables score >= 0.99")},
+    (names.TEXT_CORE, "int8"): {"cosine": Threshold(0.99, "the errors of hundreds of int8 matmuls compound through the layers")},
+    (names.TEXT_CORE, "int4"): {"cosine": Threshold(0.9, "int4 matmul errors compound through every layer")},
+    (names.VISION_ENCODER, "int8"): {"cosine": Threshold(0.98, "int8 rounding compounds through MobileNet-V5's ~80 blocks")},
+    (names.AUDIO_ENCODER, "int8"): {"cosine": Threshold(0.98, "int8 rounding compounds through the conformer's layers")},
+    (names.VISION_ENCODER, "int4"): {"cosine": Threshold(0.9, "int4 projections on top of int8 convolutions")},
+    (names.AUDIO_ENCODER, "int4"): {"cosine": Threshold(0.9, "int4 rounding in every conformer projection")},
     ("text_path", "int8"): {
         "top1_agreement": Threshold(0.9, "int8 rarely changes the argmax except between near-tied tokens"),
         "mean_kl": Threshold(0.05, "nats; int8 noise moves the distribution only slightly", higher_is_better=False),
@@ -100,38 +104,39 @@ def token_bundle_cosine(float_path: Path, quant_path: Path, bundle: str, prompts
     """Cosine of embedder / ple outputs over every prompt token (decode signature, one id at a time)."""
     from runtime.engine import open_interpreter
 
-    signature = "decode_embedder" if bundle == "embedder" else "decode_per_layer_embedder"
+    signature = names.lookup_signature(bundle)
     ref = open_interpreter(float_path, reference=True).get_signature_runner(signature)
     got = open_interpreter(quant_path).get_signature_runner(signature)
     ids = sorted({t for p in prompts for t in p})
-    a = np.stack([ref(token_ids=np.array([[t]], np.int32))["embeddings"] for t in ids])
-    b = np.stack([got(token_ids=np.array([[t]], np.int32))["embeddings"] for t in ids])
+    a = np.stack([ref(**{names.TOKEN_IDS: np.array([[t]], np.int32)})[names.EMBEDDINGS] for t in ids])
+    b = np.stack([got(**{names.TOKEN_IDS: np.array([[t]], np.int32)})[names.EMBEDDINGS] for t in ids])
     return cosine(a, b)
 
 
-def encoder_inputs(entry: dict) -> dict[str, np.ndarray]:
+def encoder_inputs(entry: EncoderEntry) -> dict[str, np.ndarray]:
     """Fixed inputs for an encoder bundle (manifest "encoders" entry): a seeded random image; a
     seeded 3-second chirp in noise through the log-mel front end."""
     from runtime.media import audio_window, log_mel
 
     rng = np.random.default_rng(RANDOM_PROMPT_SEED)
-    if "image" in entry:
-        size = entry["image"]["size"]
-        return {"images": rng.random((1, size, size, 3), dtype=np.float32)}
+    if entry.image is not None:
+        size = entry.image.size
+        return {names.IMAGES: rng.random((1, size, size, 3), dtype=np.float32)}
     t = np.arange(3 * 16000) / 16000
     clip = 0.4 * np.sin(2 * np.pi * (200 + 600 * t) * t) + 0.05 * rng.standard_normal(t.size)
-    return audio_window(log_mel(clip.astype(np.float32), entry["audio"]["mel_bins"]), entry["audio"]["frames"])
+    return audio_window(log_mel(clip.astype(np.float32), entry.audio.mel_bins), entry.audio.frames)
 
 
-def encoder_cosine(float_path: Path, quant_path: Path, entry: dict) -> float:
+def encoder_cosine(float_path: Path, quant_path: Path, entry: EncoderEntry) -> float:
     """Cosine of an encoder's soft tokens (the clip's real ones for audio), quantized vs float."""
     from runtime.engine import EncoderEngine
 
     inputs = encoder_inputs(entry)
-    ref = EncoderEngine(float_path, entry["bundle"])(**inputs)
-    got = EncoderEngine(quant_path, entry["bundle"])(**inputs)
-    keep = ref["mask"][0] > 0 if "mask" in ref else slice(None)
-    return cosine(ref["embeddings"][0][keep], got["embeddings"][0][keep])
+    signature = names.encoder_signature(entry.bundle)
+    ref = EncoderEngine(float_path, signature)(**inputs)
+    got = EncoderEngine(quant_path, signature)(**inputs)
+    keep = ref[names.MASK][0] > 0 if names.MASK in ref else slice(None)
+    return cosine(ref[names.EMBEDDINGS][0][keep], got[names.EMBEDDINGS][0][keep])
 
 
 def teacher_forced_logits(engine, prompts: list[list[int]]) -> np.ndarray:
@@ -163,7 +168,7 @@ def check_thresholds(bundle_schemes: dict[str, str], report: dict) -> list[str]:
         if not metrics:
             continue
         if key == "text_path":
-            schemes = {s for b, s in bundle_schemes.items() if b in ("embedder", "ple", "text_core")}
+            schemes = {s for b, s in bundle_schemes.items() if b in names.TEXT_BUNDLES}
             scheme = "int4" if "int4" in schemes else "int8"
         else:
             scheme = bundle_schemes.get(key, "none")
@@ -175,46 +180,45 @@ def check_thresholds(bundle_schemes: dict[str, str], report: dict) -> list[str]:
     return failures
 
 
-def quality_report(folder: Path, manifest: dict, float_files: dict[str, Path], schemes: dict[str, str],
+def quality_report(folder: Path, manifest: Manifest, float_files: dict[str, Path], schemes: dict[str, str],
                    tokenizer: Path | None, unscored: dict[str, str] | None = None) -> dict:
     """Score the quantized bundles of `folder` against `float_files`; fills each quantized bundle's
     manifest entry with its "quality" and returns the folder-level report (text path, warnings).
     `unscored`: quantized bundles with no float original (and why); the text path then goes unscored."""
-    from runtime.engine import TEXT_BUNDLES, TextEngine
+    from runtime.engine import TextEngine
 
-    cfg = manifest["config"]
-    length = min(PROMPT_TOKENS, manifest["cache_length"])
-    prompts, described = fixed_prompts(tokenizer, cfg["vocab_size"], cfg["bos_token_id"], length)
-    bundles = manifest["bundles"]
+    length = min(PROMPT_TOKENS, manifest.cache_length)
+    prompts, described = fixed_prompts(tokenizer, manifest.config["vocab_size"], manifest.config["bos_token_id"], length)
+    bundles = manifest.bundles
     results: dict[str, dict] = {}
-    for name in ("embedder", "ple"):
+    for name in (names.EMBEDDER, names.PLE):
         if name in float_files:
-            results[name] = {"cosine": round(token_bundle_cosine(float_files[name], folder / bundles[name]["file"], name, prompts), 5)}
+            results[name] = {"cosine": round(token_bundle_cosine(float_files[name], folder / bundles[name].file, name, prompts), 5)}
 
-    for entry in manifest.get("encoders", {}).values():
-        name = entry["bundle"]
+    for entry in manifest.encoders.values():
+        name = entry.bundle
         if name in float_files:
-            results[name] = {"cosine": round(encoder_cosine(float_files[name], folder / bundles[name]["file"], entry), 5)}
+            results[name] = {"cosine": round(encoder_cosine(float_files[name], folder / bundles[name].file, entry), 5)}
 
     unscored = dict(unscored or {})
-    if all(name in bundles for name in TEXT_BUNDLES) and unscored:
+    if all(name in bundles for name in names.TEXT_BUNDLES) and unscored:
         unscored["text_path"] = f"needs the float {', '.join(unscored)}"
-    elif all(name in bundles for name in TEXT_BUNDLES):
+    elif all(name in bundles for name in names.TEXT_BUNDLES):
         def logits(files: dict[str, Path], reference: bool) -> np.ndarray:
             engine = TextEngine(folder, manifest=manifest, files=files, reference=reference)
             return teacher_forced_logits(engine, prompts)
 
-        quantized = {name: folder / entry["file"] for name, entry in bundles.items()}
+        quantized = {name: folder / entry.file for name, entry in bundles.items()}
         originals = {**quantized, **float_files}
         reference = logits(originals, reference=True)
-        if "text_core" in float_files:
-            core_only = logits({**originals, "text_core": quantized["text_core"]}, reference=False)
-            results["text_core"] = {"cosine": round(cosine(reference, core_only), 5)}
+        if names.TEXT_CORE in float_files:
+            core_only = logits({**originals, names.TEXT_CORE: quantized[names.TEXT_CORE]}, reference=False)
+            results[names.TEXT_CORE] = {"cosine": round(cosine(reference, core_only), 5)}
         results["text_path"] = text_path_metrics(reference, logits(quantized, reference=False))
 
     for name, metrics in results.items():
         if name in bundles:
-            bundles[name]["quality"] = metrics
+            bundles[name].quality = metrics
     report = {
         "prompts": described,
         "text_path": results.get("text_path"),

@@ -3,9 +3,10 @@
 No model hub is reachable from build machines, so tests and `make demo` make their own
 checkpoint: a real `Gemma3nForConditionalGeneration` (tiny MobileNet-V5 and USM towers) or
 `Gemma3nForCausalLM`, saved with `save_pretrained` (real safetensors, real key names), plus a
-tokenizer trained on the spot with the Gemma special tokens at their usual names.
+tokenizer trained on the spot with the Gemma special tokens at their usual names. A test and dev
+helper: nothing in the product imports it.
 
-    python -m converter.tiny_checkpoint OUT_DIR [--text-only] [--seed N]
+    python -m tests.support.tiny_checkpoint OUT_DIR [--text-only] [--seed N]
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from pathlib import Path
 import torch
 
 from converter.checkpoint import RESIDUAL_BRANCH_GAIN, RESIDUAL_BRANCH_NORMS
-from converter.config import FULL, SLIDING, TextConfig, tiny_config
+from converter.config import (TINY_MODALITY_VOCAB, TINY_START_OF_AUDIO, TINY_START_OF_IMAGE, TextConfig,
+                              text_config_to_hf, tiny_config, tiny_multimodal_hf_config)
 
 TEXT_VOCAB = 512  # trained pieces; multimodal ids follow, as in the real 262144 + 128 + 128 layout
-MODALITY_VOCAB = 8
+MODALITY_VOCAB = TINY_MODALITY_VOCAB
 SPECIAL_SYMBOLS = ["<mask>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<start_of_audio>"]
 MULTIMODAL_PIECES = (
     ["<end_of_image>", "<image_soft_token>"]
@@ -31,63 +33,7 @@ MULTIMODAL_PIECES = (
 )
 
 
-def hf_text_config(cfg: TextConfig) -> dict:
-    """Our TextConfig as Gemma3nTextConfig keyword arguments."""
-    return dict(
-        vocab_size=cfg.vocab_size,
-        vocab_size_per_layer_input=cfg.vocab_size_per_layer_input,
-        hidden_size=cfg.hidden_size,
-        hidden_size_per_layer_input=cfg.hidden_size_per_layer_input,
-        intermediate_size=list(cfg.intermediate_sizes),
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads,
-        head_dim=cfg.head_dim,
-        layer_types=list(cfg.layer_types),
-        num_kv_shared_layers=cfg.num_kv_shared_layers,
-        sliding_window=cfg.sliding_window,
-        activation_sparsity_pattern=list(cfg.activation_sparsity),
-        laurel_rank=cfg.laurel_rank,
-        altup_num_inputs=cfg.altup_num_inputs,
-        rms_norm_eps=cfg.rms_norm_eps,
-        final_logit_softcapping=cfg.final_logit_softcap,
-        rope_parameters={
-            SLIDING: {"rope_type": "default", "rope_theta": cfg.rope_theta_local},
-            FULL: {"rope_type": "default", "rope_theta": cfg.rope_theta_global},
-        },
-        max_position_embeddings=4096,
-        pad_token_id=cfg.pad_token_id,
-        eos_token_id=cfg.eos_token_ids[0],
-        bos_token_id=cfg.bos_token_id,
-    )
-
-
-def hf_config(cfg: TextConfig) -> dict:
-    """Gemma3nConfig keyword arguments: `cfg` as the text model, with tiny MobileNet-V5 and USM
-    towers and multimodal token ids laid out as in the real vocabulary."""
-    v = cfg.vocab_size_per_layer_input
-    return dict(
-        text_config=hf_text_config(cfg),
-        vision_config=dict(
-            hidden_size=2048,  # timm's MobileNet-V5 MSFA output width is fixed at 2048
-            vocab_size=MODALITY_VOCAB,
-            vocab_offset=v,
-            model_args={"channel_multiplier": 0.03125, "msfa_output_resolution": 2},
-        ),
-        audio_config=dict(
-            input_feat_size=32, hidden_size=32, conf_num_attention_heads=4, conf_num_hidden_layers=1,
-            sscp_conv_channel_size=[16, 8], conf_conv_kernel_size=3, conf_attention_chunk_size=4,
-            conf_attention_context_left=5, vocab_size=MODALITY_VOCAB, vocab_offset=v + MODALITY_VOCAB,
-        ),
-        vision_soft_tokens_per_image=4,
-        audio_soft_tokens_per_image=4,
-        boi_token_id=SPECIAL_SYMBOLS.index("<start_of_image>") + 4,
-        boa_token_id=SPECIAL_SYMBOLS.index("<start_of_audio>") + 4,
-        eoi_token_id=v,
-        image_token_id=v + 1,
-        eoa_token_id=v + MODALITY_VOCAB,
-        audio_token_id=v + MODALITY_VOCAB + 1,
-    )
+MAX_POSITIONS = 4096  # config.json's max_position_embeddings (the RoPE tables are computed, not stored)
 
 
 def train_tokenizer(path: Path, seed: int = 0) -> None:
@@ -128,6 +74,9 @@ def train_tokenizer(path: Path, seed: int = 0) -> None:
     model.ParseFromString(prefix.with_suffix(".model").read_bytes())
     for piece in MULTIMODAL_PIECES:
         model.pieces.add(piece=piece, score=0.0, type=pb.ModelProto.SentencePiece.USER_DEFINED)
+    # The config's modality start ids must land on their pieces (user symbols follow the 4 specials).
+    starts = {piece.piece: i for i, piece in enumerate(model.pieces) if piece.piece in ("<start_of_image>", "<start_of_audio>")}
+    assert starts == {"<start_of_image>": TINY_START_OF_IMAGE, "<start_of_audio>": TINY_START_OF_AUDIO}, starts
     path.write_bytes(model.SerializeToString())
     prefix.with_suffix(".vocab").unlink(missing_ok=True)
 
@@ -156,11 +105,12 @@ def build_tiny_checkpoint(out: Path, text_only: bool = False, seed: int = 0, cfg
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    text = hf_text_config(cfg)
     if text_only:
-        model = Gemma3nForCausalLM(Gemma3nTextConfig(**text))
+        model = Gemma3nForCausalLM(Gemma3nTextConfig(**text_config_to_hf(cfg), max_position_embeddings=MAX_POSITIONS))
     else:
-        model = Gemma3nForConditionalGeneration(Gemma3nConfig(**hf_config(cfg)))
+        hf = tiny_multimodal_hf_config(cfg)
+        hf["text_config"]["max_position_embeddings"] = MAX_POSITIONS
+        model = Gemma3nForConditionalGeneration(Gemma3nConfig(**hf))
     randomize_(model, seed)
     model.eval().save_pretrained(out)
     train_tokenizer(out / "tokenizer.model", seed)
