@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO   := out/demo
 
-.PHONY: setup test demo artifacts bench clean
+.PHONY: setup test fuzz demo artifacts bench clean
 
 setup: $(STAMP)
 
@@ -19,6 +19,11 @@ $(STAMP): pyproject.toml
 # The tiny bundle folder the tests convert is kept under artifacts/ (CI publishes it).
 test: setup
 	G3N_ARTIFACTS=artifacts $(BIN)/python -m pytest -q
+
+# The long fuzz run (a short one is part of make test): a table of counts in docs/RELIABILITY.md.
+FUZZ_CASES ?= 200
+fuzz: setup
+	$(BIN)/python -m tests.support.fuzz --per-family $(FUZZ_CASES) --seed 1 --report docs/RELIABILITY.md
 
 demo: setup
 	$(BIN)/python -m tests.support.tiny_checkpoint $(DEMO)/checkpoint

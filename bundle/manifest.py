@@ -24,6 +24,7 @@ from pathlib import Path
 from bundle.errors import BundleError, read_json_object
 from bundle.files import explain_os_error, sha256_file, write_bytes_atomic
 from bundle.names import ALL_BUNDLES, ENCODER_BUNDLES, MANIFEST, MODALITY_BUNDLES
+from bundle.verified import VerifiedFiles
 
 FORMAT = "g3n-bundle"
 FORMAT_VERSION = 1
@@ -306,10 +307,13 @@ def member_path(folder: Path, entry: FileEntry) -> Path:
     return path
 
 
-def verify_bundle(folder: Path, check_hashes: bool = True, manifest: Manifest | None = None) -> list[str]:
-    """Return a list of problems (empty when every listed file matches the manifest)."""
+def verify_bundle(folder: Path, check_hashes: bool = True, manifest: Manifest | None = None,
+                  verified: VerifiedFiles | None = None) -> list[str]:
+    """Return a list of problems (empty when every listed file matches the manifest).
+    `verified`: remembers files already hashed (bundle/verified.py); None hashes every file."""
     folder = Path(folder)
     manifest = manifest or read_manifest(folder)
+    verified = verified or VerifiedFiles(None)
     problems = []
     for entry in manifest.listed_files():
         path = member_path(folder, entry)
@@ -319,21 +323,29 @@ def verify_bundle(folder: Path, check_hashes: bool = True, manifest: Manifest | 
         size = path.stat().st_size
         if size != entry.bytes:
             problems.append(f"{entry.file}: {size} bytes, manifest says {entry.bytes}")
-        elif check_hashes and sha256_file(path) != entry.sha256:
+        elif check_hashes and not verified.matches(path, entry.sha256):
             problems.append(f"{entry.file}: sha256 differs from the manifest (file corrupted or modified)")
     return problems
 
 
-def open_bundle(folder: Path, check_hashes: bool = False, needs: tuple[str, ...] = ()) -> Manifest:
-    """The folder's manifest, after checking every listed file's size (and sha256 with
-    `check_hashes`) and that it has the bundles in `needs`: the one check a runner makes on load."""
+VERIFY_MODES = ("once", "always", "sizes")
+
+
+def open_bundle(folder: Path, verify: str = "once", needs: tuple[str, ...] = (), memo: Path | None = None) -> Manifest:
+    """The folder's manifest, after checking every listed file and that it has the bundles in
+    `needs`: the one check a runner makes on load. `verify`: "once" checks each file's sha256
+    the first time it is seen and again whenever it changes (remembered under `memo`), "always"
+    hashes every file now, "sizes" checks sizes only (the user's choice, --no-verify)."""
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"verify must be one of {', '.join(VERIFY_MODES)}")
     folder = Path(folder)
     if not folder.is_dir():
         raise BundleError(f"bundle folder {folder} does not exist")
     manifest = read_manifest(folder)
-    problems = verify_bundle(folder, check_hashes, manifest)
+    verified = VerifiedFiles(memo if verify == "once" else None)
+    problems = verify_bundle(folder, verify != "sizes", manifest, verified)
     if problems:
-        hint = "re-copy the folder or convert again" + ("" if check_hashes else "; `g3n-convert verify` checks sha256 too")
+        hint = "re-copy the folder or convert again" + ("; `g3n-convert verify` checks sha256 too" if verify == "sizes" else "")
         raise BundleError(f"{folder} does not match its manifest.json: {'; '.join(problems)} ({hint})")
     missing = [b for b in needs if b not in manifest.bundles]
     if missing:

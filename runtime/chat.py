@@ -8,7 +8,9 @@ parses them out of text.
 
 An image or a clip enters a user turn before its text as transformers' Gemma3nProcessor writes it:
 "\n\n<start_of_image>" + one <image_soft_token> per soft token + "<end_of_image>\n\n" (audio alike).
-Special pieces split the text, and the runs between them are tokenized whole, as there.
+Special pieces split the text, and the runs between them are tokenized whole, as there. The media
+markers go in as ids (a prompt is a list of text runs and ids), so a tokenizer needs no pieces for
+them.
 """
 
 from __future__ import annotations
@@ -36,43 +38,50 @@ class Tokenizer:
         if any(i == self.sp.unk_id() for i in self.markers.values()):
             self.markers = {}  # a tokenizer without chat markers: raw prompts only
         self.stop_ids = {self.eos_id} | ({self.markers[END_OF_TURN]} if self.markers else set())
-        self._splitter = _MARKERS
 
     @property
     def has_chat(self) -> bool:
         return START_OF_TURN in self.markers
 
-    def add_special_ids(self, ids) -> None:
-        """Pieces (by id) that `encode` recognises in text as single ids: the image / audio markers."""
-        for i in ids:
-            self.markers[self.sp.id_to_piece(int(i))] = int(i)
-        self._splitter = re.compile("(" + "|".join(re.escape(m) for m in sorted(self.markers, key=len, reverse=True)) + ")")
+    def encode_parts(self, parts: list[str | int]) -> list[int]:
+        """Text runs and ids -> ids: adjacent runs are joined and encoded as one, ids kept."""
+        ids: list[int] = []
+        run = ""
+        for part in [*parts, None]:
+            if isinstance(part, str):
+                run += part
+                continue
+            ids += self.encode(run)
+            run = ""
+            if part is not None:
+                ids.append(int(part))
+        return ids
 
     def encode(self, text: str) -> list[int]:
         """Text with any special pieces in it -> ids (the pieces as their single ids)."""
         ids: list[int] = []
-        for part in self._splitter.split(text):
+        for part in _MARKERS.split(text):
             if part in self.markers:
                 ids.append(self.markers[part])
             elif part:
                 ids += self.sp.encode(part)
         return ids
 
-    def media_text(self, start_id: int, soft_id: int, count: int, end_id: int) -> str:
-        """The text of one image / clip in a prompt: its markers around `count` soft-token placeholders."""
-        piece = self.sp.id_to_piece
-        return f"\n\n{piece(start_id)}{piece(soft_id) * count}{piece(end_id)}\n\n"
+    @staticmethod
+    def media_parts(start_id: int, soft_id: int, count: int, end_id: int) -> list[str | int]:
+        """One image / clip in a prompt: its markers around `count` soft-token placeholders."""
+        return ["\n\n", start_id, *[soft_id] * count, end_id, "\n\n"]
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(ids)
 
-    def user_turn(self, text: str, system: str | None = None, first: bool = True, media: str = "") -> list[int]:
-        """Ids of one user turn plus the opening of the model's reply; `media` (from media_text)
+    def user_turn(self, text: str, system: str | None = None, first: bool = True, media: list[str | int] = ()) -> list[int]:
+        """Ids of one user turn plus the opening of the model's reply; `media` (from media_parts)
         goes before the text."""
         if not self.has_chat:
             raise BundleError("the bundle's tokenizer has no <start_of_turn>/<end_of_turn>; use raw prompts (--raw)")
-        body = f"{system}\n\n{media}{text}" if system else f"{media}{text}"
-        ids = self.encode(f"{START_OF_TURN}user\n{body}{END_OF_TURN}\n{START_OF_TURN}model\n")
+        opening = f"{START_OF_TURN}user\n" + (f"{system}\n\n" if system else "")
+        ids = self.encode_parts([opening, *media, f"{text}{END_OF_TURN}\n{START_OF_TURN}model\n"])
         return ([self.bos_id] if first else []) + ids
 
     def close_model_turn(self) -> list[int]:

@@ -57,13 +57,14 @@ def _print_stats(stats: dict, loaded: list[str]) -> None:
 @click.option("--raw", is_flag=True, help="No chat template: the input is <bos> + the prompt's tokens.")
 @click.option("--stats", is_flag=True, help="Print load time, time to first token, prefill / decode tok/s and peak RSS.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, token_ids, loaded_bundles, stats) instead of streaming.")
-@click.option("--verify", is_flag=True, help="Check every file's sha256 against manifest.json before loading (sizes are always checked).")
+@click.option("--verify", is_flag=True, help="Hash every file against manifest.json now, even those verified before.")
+@click.option("--no-verify", is_flag=True, help="Check sizes only: skip the sha256 check of files not verified before (at your own risk).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for LiteRT (default: LiteRT's choice).")
 @click.option("--weight-cache", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder for XNNPACK's packed-weight cache (default: $G3N_CACHE_DIR or ~/.cache/g3n). "
                    "The first load writes it; later loads map it: faster, and the weights are held once.")
 @click.option("--no-weight-cache", is_flag=True, help="Pack the weights in memory on every load instead.")
-def main(bundle, prompt, system, image, audio, max_new_tokens, temperature, top_k, top_p, seed, raw, stats, as_json, verify,
+def main(bundle, prompt, system, image, audio, max_new_tokens, temperature, top_k, top_p, seed, raw, stats, as_json, verify, no_verify,
          threads, weight_cache, no_weight_cache):
     """Generate text with a g3n bundle folder (text_core, embedder, ple, tokenizer.model;
     vision_encoder / audio_encoder for --image / --audio).
@@ -80,7 +81,10 @@ def main(bundle, prompt, system, image, audio, max_new_tokens, temperature, top_
     try:
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         cache_dir = None if no_weight_cache else (weight_cache or "default")
-        session = Session(bundle, verify=verify, num_threads=threads, weight_cache_dir=cache_dir)
+        if verify and no_verify:
+            _fail("give --verify or --no-verify, not both")
+        mode = "always" if verify else "sizes" if no_verify else "once"
+        session = Session(bundle, verify=mode, num_threads=threads, weight_cache_dir=cache_dir)
         options = dict(max_new_tokens=max_new_tokens, sampling=sampling, raw=raw, system=system, image=image, audio=audio)
         if prompt is None:
             _interactive(session, options, stats)

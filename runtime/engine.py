@@ -23,6 +23,7 @@ crash the process on a damaged file.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -33,6 +34,7 @@ from bundle import names
 from bundle.errors import BundleError
 from bundle.manifest import Manifest, open_bundle
 from bundle.native_logs import quiet_native_logs
+from runtime.weight_cache import WeightCache
 
 LOAD_ORDER = (names.TEXT_CORE, names.EMBEDDER, names.PLE)  # the text bundles, in the order they load
 # Relative costs for planning prompt chunks, in prefill positions (E2B int4, 2 threads: a decode
@@ -81,25 +83,30 @@ class CompiledCore:
     """`weight_cache`: XNNPACK's packed weights in a file. Without one, XNNPACK repacks the int4
     weights into heap memory on every load (E2B: 12 s), and the mapped file pages it read stay
     resident too, so the weights count twice. With one, the first load writes the packed weights
-    to the file and every load maps them: they count once, and later loads skip the packing."""
+    to the file and every load maps them: they count once, and later loads skip the packing.
+    runtime/weight_cache.py builds the file safely and decides when one may be mapped."""
 
-    def __init__(self, path: Path, cache_shapes: dict, num_threads: int | None, weight_cache: Path | None = None):
+    def __init__(self, path: Path, cache_shapes: dict, num_threads: int | None, weight_cache: WeightCache | None = None):
         # Verifies the flatbuffer before the unverifying loader sees it; no delegate, so no packing.
         open_interpreter(path, reference=True)
-        self.weight_cache = "off"
-        if weight_cache is not None:
-            try:
-                weight_cache.parent.mkdir(parents=True, exist_ok=True)
-                self.weight_cache = "loaded" if weight_cache.is_file() else "built"
-            except OSError:  # an unwritable cache folder only costs speed and memory
-                weight_cache = None
-        try:
-            with quiet_native_logs():
-                from ai_edge_litert.compiled_model import CompiledModel, CpuOptions, HardwareAccelerator, Options
+        with quiet_native_logs():
+            from ai_edge_litert.compiled_model import CompiledModel, CpuOptions, HardwareAccelerator, Options
 
-                cpu = CpuOptions(num_threads=num_threads or 2, xnnpack_weight_cache_path=str(weight_cache or ""))
-                options = Options(hardware_accelerators=HardwareAccelerator.CPU, cpu_options=cpu)
-                self.model = CompiledModel.from_file(str(path), options=options)
+        def compile_with(cache_path: str):
+            cpu = CpuOptions(num_threads=num_threads or 2, xnnpack_weight_cache_path=cache_path)
+            with quiet_native_logs():
+                return CompiledModel.from_file(str(path), options=Options(hardware_accelerators=HardwareAccelerator.CPU, cpu_options=cpu))
+
+        try:
+            self.weight_cache = "off"
+            if weight_cache is not None:
+                try:
+                    self.model, self.weight_cache = weight_cache.compile(compile_with)
+                except OSError:  # an unwritable cache folder only costs speed and memory
+                    weight_cache = None
+            if weight_cache is None:
+                self.model = compile_with("")
+            with quiet_native_logs():
                 signatures = self.model.get_signature_list()
                 # One cache, shared by every signature and passed as input and output: updated in place.
                 self.cache = {name: self.model.create_input_buffer_by_name(names.DECODE, name) for name in cache_shapes}
@@ -133,27 +140,41 @@ class CompiledCore:
         return self.logits[0].read(self.logits[1], np.float32) if want_logits else None
 
 
+@contextlib.contextmanager
+def litert_errors(what):
+    """A file the flatbuffer verifier lets through can still be refused by LiteRT when a signature
+    is set up or run ("Invalid tensor index"): one clear error naming it, not a traceback."""
+    try:
+        yield
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise BundleError(f"LiteRT cannot run {what} ({' '.join(str(exc).split())}); "
+                          "the file may be damaged: `g3n-convert verify` checks it") from exc
+
+
 class EncoderEngine:
     """One encoder bundle (vision / audio): inputs -> soft-token embeddings, on XNNPACK."""
 
     def __init__(self, path: Path, signature: str, num_threads: int | None = None):
         started = time.perf_counter()
-        self.runner = open_interpreter(path, num_threads).get_signature_runner(signature)
+        self.path = path
+        with litert_errors(path):
+            self.runner = open_interpreter(path, num_threads).get_signature_runner(signature)
         self.load_seconds = time.perf_counter() - started
 
     def __call__(self, **inputs) -> dict[str, np.ndarray]:
-        with quiet_native_logs():  # the first run sets up XNNPACK, loudly
+        with quiet_native_logs(), litert_errors(self.path):  # the first run sets up XNNPACK, loudly
             return self.runner(**inputs)
 
 
 class TextEngine:
     """`manifest`: the folder's, already checked (bundle.manifest.open_bundle; read and checked
     here when None). `files` replaces some bundles' paths (the quality report pairs float and
-    quantized files)."""
+    quantized files). `verified_sha256`: the text core's sha256 when the caller has checked the file
+    against it (a weight cache built from that content may then be shared)."""
 
     def __init__(self, folder: Path, num_threads: int | None = None, *, manifest: Manifest | None = None,
                  files: dict[str, Path] | None = None, backend: str = "compiled", reference: bool = False,
-                 weight_cache_dir: Path | None = None):
+                 weight_cache_dir: Path | None = None, verified_sha256: str | None = None):
         self.folder = Path(folder)
         self.manifest = manifest if manifest is not None else open_bundle(self.folder, needs=names.TEXT_BUNDLES)
         self.cache_length = self.manifest.cache_length
@@ -171,8 +192,8 @@ class TextEngine:
         if backend == "compiled" and not reference:
             weight_cache = None
             if weight_cache_dir is not None and names.TEXT_CORE not in (files or {}):
-                # Named by the file's sha256, so a changed bundle never meets a stale cache.
-                weight_cache = Path(weight_cache_dir) / f"{names.TEXT_CORE}-{core_entry.sha256[:16]}.xnnpack_cache"
+                cache_file = Path(weight_cache_dir) / f"{names.TEXT_CORE}-{core_entry.sha256[:16]}.xnnpack_cache"
+                weight_cache = WeightCache(cache_file, paths[names.TEXT_CORE], verified_sha256)
             self.core = CompiledCore(paths[names.TEXT_CORE], cache_shapes, num_threads, weight_cache)
         elif backend in ("compiled", "interpreter"):
             self.core = InterpreterCore(paths[names.TEXT_CORE], cache_shapes, num_threads, reference)
@@ -184,8 +205,9 @@ class TextEngine:
             return (emb.get_signature_runner(names.lookup_signature(names.EMBEDDER, length)),
                     ple.get_signature_runner(names.lookup_signature(names.PLE, length)))
 
-        self._lookups = {n: lookups(n) for n in self.prefill_lengths}
-        self._lookups[1] = lookups(None)
+        with litert_errors(f"{paths[names.EMBEDDER]} or {paths[names.PLE]}"):
+            self._lookups = {n: lookups(n) for n in self.prefill_lengths}
+            self._lookups[1] = lookups(None)
         self.reset()
 
     def reset(self) -> None:
@@ -215,7 +237,8 @@ class TextEngine:
             names.MASK: self._mask(positions),
         }
         signature = names.prefill(n) if not want_logits and n in self.prefill_lengths else names.DECODE
-        return self.core.run(signature, inputs, want_logits)
+        with litert_errors(f"{signature} of {self.folder}"):
+            return self.core.run(signature, inputs, want_logits)
 
     def plan(self, count: int) -> list[int]:
         """The signature calls that feed `count` tokens from the current position: prefill lengths,

@@ -3,7 +3,8 @@
 Image: RGB, resized to S x S (bilinear, as transformers' Gemma 3n image processor), scaled to
 [0, 1], no mean / std normalisation: [1, S, S, 3] float32.
 
-Audio: a WAV file (PCM 8/16/24/32-bit or float, any rate, mono or mixed down) resampled to 16 kHz,
+Audio: a WAV file (PCM 8/16/24/32-bit or float 32/64-bit, 1 to 384 kHz, mono or mixed down), cut
+to the encoder's window at its own rate, then resampled to 16 kHz,
 then the log-mel front end of transformers' Gemma3nAudioFeatureExtractor (32 ms Hann frames every
 10 ms, HTK pre-emphasis 0.97, FFT 1024, mel 125-7600 Hz, log(max(x, 1e-5))), tests/test_media.py
 checks it against that class. The extractor pads the waveform to a multiple of 128 samples and
@@ -15,7 +16,6 @@ extractor cuts them.
 from __future__ import annotations
 
 import math
-import wave
 from pathlib import Path
 
 import numpy as np
@@ -46,26 +46,59 @@ def load_image(path: Path, size: int) -> np.ndarray:
     return (np.asarray(rgb, np.float32) / np.float32(255.0))[None]
 
 
+MIN_RATE, MAX_RATE = 1_000, 384_000  # what a WAV of speech or music is recorded at
+PCM, IEEE_FLOAT, EXTENSIBLE = 1, 3, 0xFFFE
+
+
+def _wav_chunks(data: bytes, path: Path) -> tuple[bytes, bytes]:
+    """The `fmt ` and `data` chunks of a RIFF/WAVE file."""
+    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        raise MediaError(f"{path} is not a PCM WAV file: it has no RIFF/WAVE header")
+    chunks, at = {}, 12
+    while at + 8 <= len(data):
+        name, size = data[at:at + 4], int.from_bytes(data[at + 4:at + 8], "little")
+        chunks.setdefault(name, data[at + 8:at + 8 + size])  # a truncated last chunk keeps what is there
+        at += 8 + size + (size & 1)
+    if b"fmt " not in chunks or len(chunks[b"fmt "]) < 16 or b"data" not in chunks:
+        raise MediaError(f"{path} is not a PCM WAV file: its fmt or data chunk is missing or cut short")
+    return chunks[b"fmt "], chunks[b"data"]
+
+
 def read_wav(path: Path) -> tuple[np.ndarray, int]:
-    """Samples in [-1, 1] (mono, float32) and the sample rate."""
+    """Samples in [-1, 1] (mono, float32) and the sample rate: PCM 8/16/24/32-bit or IEEE float
+    32/64-bit, plain or WAVE_FORMAT_EXTENSIBLE."""
     try:
-        with wave.open(str(path), "rb") as wav:
-            channels, width, rate, count = wav.getnchannels(), wav.getsampwidth(), wav.getframerate(), wav.getnframes()
-            raw = wav.readframes(count)
-    except (OSError, EOFError, wave.Error) as exc:
-        raise MediaError(f"{path} is not a PCM WAV file: {exc}") from exc
-    if count == 0 or not raw:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise MediaError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    fmt, raw = _wav_chunks(data, path)
+    tag, channels, rate = int.from_bytes(fmt[0:2], "little"), int.from_bytes(fmt[2:4], "little"), int.from_bytes(fmt[4:8], "little")
+    bits = int.from_bytes(fmt[14:16], "little")
+    if tag == EXTENSIBLE and len(fmt) >= 26:
+        tag = int.from_bytes(fmt[24:26], "little")  # the sub-format GUID starts with the plain tag
+    if channels < 1:
+        raise MediaError(f"{path} says it has {channels} channels")
+    if not MIN_RATE <= rate <= MAX_RATE:
+        raise MediaError(f"{path} has a sample rate of {rate} Hz; g3n reads WAV files from {MIN_RATE} to {MAX_RATE} Hz")
+    width = bits // 8
+    if (tag, bits) not in {(PCM, 8), (PCM, 16), (PCM, 24), (PCM, 32), (IEEE_FLOAT, 32), (IEEE_FLOAT, 64)}:
+        raise MediaError(f"{path}: WAV format {tag} with {bits}-bit samples is not supported (PCM 8/16/24/32-bit or float 32/64-bit)")
+    raw = raw[: len(raw) // (width * channels) * width * channels]
+    if not raw:
         raise MediaError(f"{path} has no audio samples")
-    if width == 1:
+    if tag == IEEE_FLOAT:
+        samples = np.frombuffer(raw, f"<f{width}").astype(np.float32)
+        if not np.isfinite(samples).all():
+            raise MediaError(f"{path} holds NaN or infinite samples")
+        samples = np.clip(samples, -1.0, 1.0)
+    elif width == 1:
         samples = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128) / 128
     elif width == 3:
         b = np.frombuffer(raw, np.uint8).reshape(-1, 3).astype(np.int32)
         samples = ((b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)) << 8 >> 8).astype(np.float32) / 2**23
-    elif width in (2, 4):
-        samples = np.frombuffer(raw, f"<i{width}").astype(np.float32) / 2 ** (8 * width - 1)
     else:
-        raise MediaError(f"{path}: {8 * width}-bit WAV samples are not supported")
-    samples = samples[: len(samples) // channels * channels].reshape(-1, channels).mean(axis=1)
+        samples = np.frombuffer(raw, f"<i{width}").astype(np.float32) / 2 ** (8 * width - 1)
+    samples = samples.reshape(-1, channels).mean(axis=1)
     return samples.astype(np.float32), rate
 
 
@@ -114,11 +147,13 @@ def load_audio(path: Path, mel_bins: int, max_frames: int) -> tuple[np.ndarray, 
     """Log-mel features [frames, mel_bins] of a WAV file, at most `max_frames`, and whether the
     clip was cut to fit."""
     samples, rate = read_wav(path)
-    samples = resample(samples, rate)
     hop = int(round(SAMPLE_RATE * HOP_MS / 1000))
     max_samples = min(int(MAX_SECONDS * SAMPLE_RATE), max_frames * hop)
-    cut = len(samples) > max_samples
-    features = log_mel(samples[:max_samples], mel_bins)
+    # Cut at the source rate first, so a long or low-rate file never resamples more than the window.
+    source_max = math.ceil(max_samples * rate / SAMPLE_RATE)
+    cut = len(samples) > source_max
+    samples = resample(samples[:source_max], rate)[:max_samples]
+    features = log_mel(samples, mel_bins)
     return features[:max_frames], cut
 
 

@@ -62,23 +62,26 @@ def peak_rss_mib() -> float:
 
 
 class Session:
-    def __init__(self, folder: Path, *, verify: bool = False, num_threads: int | None = None, backend: str = "compiled",
-                 weight_cache_dir: Path | None | str = "default"):
-        """`weight_cache_dir`: where XNNPACK keeps the text core's packed weights between loads
-        (default: runtime.engine.default_weight_cache_dir()); None packs them in memory every load."""
+    def __init__(self, folder: Path, *, verify: str | bool = "once", num_threads: int | None = None,
+                 backend: str = "compiled", weight_cache_dir: Path | None | str = "default"):
+        """`verify`: "once" (each file's sha256 checked the first time it is seen and whenever it
+        changes, remembered in the cache folder), "always" (True) or "sizes" (False: sizes only).
+        `weight_cache_dir`: where XNNPACK keeps the text core's packed weights between loads and the
+        record of verified files live (default: runtime.engine.default_weight_cache_dir()); None
+        packs the weights in memory every load."""
         started = time.perf_counter()
         self.folder = Path(folder)
-        self.manifest = open_bundle(self.folder, check_hashes=verify, needs=names.TEXT_BUNDLES)
+        mode = ("always" if verify else "sizes") if isinstance(verify, bool) else verify
         if weight_cache_dir == "default":
             weight_cache_dir = default_weight_cache_dir()
+        self.manifest = open_bundle(self.folder, verify=mode, needs=names.TEXT_BUNDLES,
+                                    memo=weight_cache_dir or default_weight_cache_dir())
+        verified = self.manifest.bundles[names.TEXT_CORE].sha256 if mode != "sizes" else None
         self.engine = TextEngine(self.folder, num_threads, manifest=self.manifest, backend=backend,
-                                 weight_cache_dir=weight_cache_dir)
+                                 weight_cache_dir=weight_cache_dir, verified_sha256=verified)
         tokenizer = self.manifest.files.get(names.TOKENIZER)
         self.tokenizer = Tokenizer(self.folder / tokenizer.file) if tokenizer else None
         self.encoder_specs = self.manifest.encoders
-        if self.tokenizer is not None:
-            self.tokenizer.add_special_ids(
-                i for e in self.encoder_specs.values() for i in (e.start_token_id, e.soft_token_id, e.end_token_id))
         self.num_threads = num_threads
         self.encoders: dict[str, EncoderEngine] = {}
         self.load_seconds = time.perf_counter() - started
@@ -141,7 +144,7 @@ class Session:
             embeddings = np.where(out[names.MASK][0, :, None] > 0, embeddings, padding)
         return embeddings
 
-    def _prompt_ids(self, prompt: str | list[int], raw: bool, system: str | None, media: str = "") -> list[int]:
+    def _prompt_ids(self, prompt: str | list[int], raw: bool, system: str | None, media: list[str | int] = ()) -> list[int]:
         if not isinstance(prompt, str):
             if media:
                 raise ValueError("an image or audio input needs a text prompt, not token ids")
@@ -150,7 +153,7 @@ class Session:
             raise BundleError(f"{self.folder} has no tokenizer.model; pass token ids, or convert with --tokenizer")
         first = self.position == 0 and not self._owed
         if raw:
-            return ([self.tokenizer.bos_id] if first else []) + self.tokenizer.encode(media + prompt)
+            return ([self.tokenizer.bos_id] if first else []) + self.tokenizer.encode_parts([*media, prompt])
         return self.tokenizer.user_turn(prompt, system=system if first else None, first=first, media=media)
 
     # -- generation ----------------------------------------------------------------------------
@@ -170,11 +173,9 @@ class Session:
                 raise MediaError(f"--{kind} {path}: no such file")
         if media and self.tokenizer is None:
             raise BundleError(f"{self.folder} has no tokenizer.model, which image / audio prompts need")
-        media_text = "".join(
-            self.tokenizer.media_text(s.start_token_id, s.soft_token_id, s.soft_tokens, s.end_token_id)
-            for s in (self._encoder(kind)[0] for kind, _ in media)
-        )
-        ids = self._owed + self._prompt_ids(prompt, raw, system, media_text)
+        media_parts = [part for s in (self._encoder(kind)[0] for kind, _ in media)
+                       for part in self.tokenizer.media_parts(s.start_token_id, s.soft_token_id, s.soft_tokens, s.end_token_id)]
+        ids = self._owed + self._prompt_ids(prompt, raw, system, media_parts)
         if not ids:
             raise ValueError("the prompt is empty")
         free = self.cache_length - self.position
