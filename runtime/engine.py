@@ -115,7 +115,7 @@ class CompiledCore:
                 vocab = int(np.prod(self.model.get_output_tensor_details(names.DECODE)[names.LOGITS]["shape"]))
                 self.logits = (self.model.create_output_buffer_by_name(names.DECODE, names.LOGITS), vocab)
         except (ValueError, RuntimeError) as exc:
-            raise BundleError(f"LiteRT could not compile {path}: {exc}") from exc
+            raise BundleError(f"LiteRT could not compile {path}: {' '.join(str(exc).split())}") from exc
         self.cache_shapes = cache_shapes
         self.warm: set[str] = set()
 
@@ -221,23 +221,24 @@ class TextEngine:
     def embed(self, token_ids) -> np.ndarray:
         """The embedder's output for single tokens: [len(token_ids), H]."""
         embed = self._lookups[1][0]
-        return np.concatenate([embed(**{names.TOKEN_IDS: np.array([[t]], np.int32)})[names.EMBEDDINGS][0] for t in token_ids])
+        with litert_errors(f"the embedder of {self.folder}"):
+            return np.concatenate([embed(**{names.TOKEN_IDS: np.array([[t]], np.int32)})[names.EMBEDDINGS][0] for t in token_ids])
 
     def _run(self, token_ids: np.ndarray, positions: np.ndarray, want_logits: bool, soft: dict | None = None):
-        n = len(token_ids)
-        embed, per_layer = self._lookups[n]
-        ids = token_ids.reshape(1, -1).astype(np.int32)
-        embeddings = embed(**{names.TOKEN_IDS: ids})[names.EMBEDDINGS]
-        for i, vector in (soft or {}).items():  # image / audio soft tokens replace their placeholders' rows
-            embeddings[0, i] = vector
-        inputs = {
-            names.EMBEDDINGS: embeddings,
-            names.PER_LAYER_EMBEDDINGS: per_layer(**{names.TOKEN_IDS: ids})[names.EMBEDDINGS],
-            names.INPUT_POS: positions.astype(np.int32),
-            names.MASK: self._mask(positions),
-        }
-        signature = names.prefill(n) if not want_logits and n in self.prefill_lengths else names.DECODE
-        with litert_errors(f"{signature} of {self.folder}"):
+        with litert_errors(f"the text bundles of {self.folder}"):  # a damaged file LiteRT meets only now
+            n = len(token_ids)
+            embed, per_layer = self._lookups[n]
+            ids = token_ids.reshape(1, -1).astype(np.int32)
+            embeddings = embed(**{names.TOKEN_IDS: ids})[names.EMBEDDINGS]
+            for i, vector in (soft or {}).items():  # image / audio soft tokens replace their placeholders' rows
+                embeddings[0, i] = vector
+            inputs = {
+                names.EMBEDDINGS: embeddings,
+                names.PER_LAYER_EMBEDDINGS: per_layer(**{names.TOKEN_IDS: ids})[names.EMBEDDINGS],
+                names.INPUT_POS: positions.astype(np.int32),
+                names.MASK: self._mask(positions),
+            }
+            signature = names.prefill(n) if not want_logits and n in self.prefill_lengths else names.DECODE
             return self.core.run(signature, inputs, want_logits)
 
     def plan(self, count: int) -> list[int]:

@@ -127,6 +127,28 @@ def test_g3n_run_refuses_a_flipped_file_by_default(tiny_bundle, tmp_path):
     assert proc.returncode == 1 and "embedder.tflite: sha256 differs" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("bundle", [names.EMBEDDER, names.TEXT_CORE])
+def test_a_file_litert_refuses_after_verification_is_one_clear_error(tiny_bundle, tmp_path, bundle):
+    """An operator input pointing past the tensor list passes the flatbuffer verifier and the
+    sha256 check (the manifest is rewritten to match), and LiteRT refuses it only when it sets the
+    signature up: "Invalid tensor index"."""
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    folder = copy_bundle(tiny_bundle, tmp_path / "bundle")
+    path = folder / names.bundle_file(bundle)
+    model = flatbuffer_utils.read_model(str(path))
+    model.subgraphs[-1].operators[0].inputs[0] = 99_999
+    flatbuffer_utils.write_model(model, str(path))
+    manifest = read_manifest(folder)
+    manifest.bundles[bundle].bytes, manifest.bundles[bundle].sha256 = path.stat().st_size, sha256_file(path)
+    write_manifest(folder, manifest)
+    proc = subprocess.run([sys.executable, "-m", "runtime.cli", str(folder), "--prompt", "Hi"], capture_output=True,
+                          text=True, cwd=ROOT, env=dict(os.environ, G3N_CACHE_DIR=str(tmp_path / "cache")))
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("g3n-run: error: ")]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-1500:]
+    assert len(errors) == 1 and "LiteRT" in errors[0] and str(folder) in errors[0]
+
+
 # ---- the bundle folder's edge -----------------------------------------------------------------------
 def test_a_symlink_out_of_the_folder_is_refused(tiny_bundle, tmp_path):
     folder = copy_bundle(tiny_bundle, tmp_path / "bundle")

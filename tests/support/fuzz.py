@@ -1,6 +1,7 @@
 """Seeded fuzzing of g3n's inputs through its real commands, each case in its own process.
 
-Families: bundle folders (bytes of a listed file changed, truncated, grown, removed), manifests
+Families: bundle folders (bytes of a listed file changed, truncated, grown, removed; and bytes
+changed with --no-verify, so that LiteRT's own loader meets them), manifests
 (keys dropped, values of other types, absurd numbers, deep nesting, damaged JSON), tokenizers
 (damaged bytes, with the manifest updated so verification passes), media (damaged WAV headers and
 bodies, damaged images) and checkpoints (config.json values, safetensors bytes).
@@ -117,6 +118,21 @@ def bundle_case(rng: random.Random, bundle: Path, work: Path) -> Case:
         target.write_bytes(bytes(data))
     changed = how == "remove" or target.read_bytes() != (bundle / target.name).read_bytes()
     return Case("bundle folders", f"{how} {target.name}", _run_command(folder), may_run=not changed)
+
+
+def unverified_bundle_case(rng: random.Random, bundle: Path, work: Path) -> Case:
+    """Bytes changed inside a bundle file of the same size, run with --no-verify: LiteRT itself
+    meets the damage, and must refuse it or run, never crash."""
+    folder = _copy(bundle, work / "bundle")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    target = folder / rng.choice(list(manifest["bundles"].values()))["file"]
+    data = bytearray(target.read_bytes())
+    head = rng.random() < 0.5  # the flatbuffer's tables, or anywhere (mostly weights)
+    for _ in range(rng.randint(1, 16)):
+        data[rng.randrange(min(len(data), 4096) if head else len(data))] = rng.randrange(256)
+    target.write_bytes(bytes(data))
+    return Case("bundle folders, --no-verify", f"{'head' if head else 'body'} bytes of {target.name}",
+                _run_command(folder, "--no-verify"), may_run=True)
 
 
 def _mutate_json(rng: random.Random, value, depth: int = 0):
@@ -248,6 +264,7 @@ def checkpoint_case(rng: random.Random, checkpoint: Path, work: Path) -> Case:
 
 FAMILIES = {
     "bundle folders": (bundle_case, "bundle"),
+    "bundle folders, --no-verify": (unverified_bundle_case, "bundle"),
     "manifests": (manifest_case, "bundle"),
     "tokenizers": (tokenizer_case, "bundle"),
     "media": (media_case, "bundle"),
