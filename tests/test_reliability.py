@@ -80,9 +80,8 @@ def test_a_damaged_cache_is_rebuilt_not_used(tiny_bundle, tiny_int4_bundle, tmp_
     elif damage == "garbage":  # the same size, other bytes
         cache.write_bytes(np.random.default_rng(0).bytes(cache.stat().st_size))
     else:  # another model's cache under this name
-        other = Session(tiny_int4_bundle, weight_cache_dir=tmp_path / "other").engine
+        Session(tiny_int4_bundle, weight_cache_dir=tmp_path / "other")
         shutil.copyfile(next((tmp_path / "other").glob("*.xnnpack_cache")), cache)
-        del other
     again = Session(tiny_bundle, weight_cache_dir=cache_dir)
     assert again.engine.core.weight_cache == "built"
     assert again.generate(PROMPT, max_new_tokens=8).token_ids == reference_tokens(tiny_bundle)
