@@ -41,15 +41,7 @@ artifacts: setup
 	$(BIN)/python -m tests.support.tiny_checkpoint artifacts/tiny-checkpoint
 	$(BIN)/g3n-convert --checkpoint artifacts/tiny-checkpoint --out artifacts/tiny --prefill-lengths 8,32 --cache-length 256
 
-# LiteRT-LM (for the side-by-side numbers) lives in its own environment.
-LITERTLM_VENV := .venv-litertlm
-
-$(LITERTLM_VENV)/.installed: bench/litertlm-requirements.txt
-	$(PYTHON) -m venv $(LITERTLM_VENV)
-	$(LITERTLM_VENV)/bin/pip install --quiet -r bench/litertlm-requirements.txt
-	touch $@
-
-bench: setup $(LITERTLM_VENV)/.installed
+bench: setup
 	$(BIN)/pip install --quiet -e ".[dev,bench]"
 	$(BIN)/python bench/run.py --out docs/BENCHMARKS.md
 

@@ -3,14 +3,10 @@
   python bench/litertlm.py pack BUNDLE OUT.litertlm
   python bench/litertlm.py run OUT.litertlm --prompt-tokens 128 --new-tokens 32 --threads 2 --json
 
-`pack` puts the folder's text_core / embedder / ple .tflite files, its SentencePiece tokenizer and
-an LlmMetadata (start / stop tokens, context length, model type Gemma3n) into one .litertlm file
-with litert-lm-builder. `run` loads that file with LiteRT-LM's Python engine (litert-lm-api) on
+`pack` is `g3n-convert pack` (converter/pack.py). `run` loads that file with LiteRT-LM's Python engine (litert-lm-api) on
 the CPU, prefills N tokens, decodes M, and reports LiteRT-LM's own timings.
 
-Needs only `litert-lm-api` and `litert-lm-builder` (tested with 0.18.1) and g3n's contract
-package (bundle/, standard library only); it does not import torch or the rest of g3n. Run it
-with the interpreter of the environment that has them.
+`run` needs only `litert-lm-api` (installed with g3n, 0.18.1); it does not import torch.
 
 Caveats when comparing with g3n-run:
   - LiteRT-LM keeps an XNNPACK weight cache next to the .litertlm (or under --cache-dir). The first
@@ -28,77 +24,18 @@ import random
 import resource
 import string
 import sys
-import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the contract package, from this checkout
-from bundle import names  # noqa: E402
-
-# LiteRT-LM's CPU executor looks tokens up one at a time through the FIRST signature of the
-# embedder and per-layer-embedder models (it passes no signature name); g3n exports these
-# single-token signatures first.
-SINGLE_TOKEN_SIGNATURES = {b: names.lookup_signature(b) for b in (names.EMBEDDER, names.PLE)}
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # g3n, from this checkout
 
 # --- pack ---------------------------------------------------------------------------------------
 
 
-def llm_metadata(manifest: dict):
-    from litert_lm_builder.runtime.proto import llm_metadata_pb2
-
-    config = manifest["config"]
-    metadata = llm_metadata_pb2.LlmMetadata()
-    metadata.start_token.token_ids.ids.append(config["bos_token_id"])
-    for token in config["eos_token_ids"]:
-        metadata.stop_tokens.add().token_ids.ids.append(token)
-    metadata.max_num_tokens = int(manifest["cache_length"])  # the text core's static KV cache
-    metadata.llm_model_type.gemma3n.SetInParent()
-    # The builder refuses an LLM without these two flags.
-    metadata.supports_thinking = False
-    metadata.supports_function_calling = False
-    return metadata
-
-
 def pack(bundle_dir, out_file) -> Path:
-    """Build `out_file` (.litertlm) from the g3n bundle folder `bundle_dir`; returns its path."""
-    from litert_lm_builder import litertlm_builder as lb
+    """g3n-convert pack (converter/pack.py): the product's packer."""
+    from converter.pack import pack as pack_folder
 
-    bundle_dir, out_file = Path(bundle_dir), Path(out_file)
-    manifest = json.loads((bundle_dir / names.MANIFEST).read_text())
-    files = {}
-    for name in names.TEXT_BUNDLES:
-        entry = manifest["bundles"].get(name)
-        if entry is None:
-            raise SystemExit(f"{bundle_dir} has no {name} bundle in its manifest")
-        files[name] = bundle_dir / entry["file"]
-    tokenizer = manifest.get("files", {}).get(names.TOKENIZER)
-    if tokenizer is None:
-        raise SystemExit(f"{bundle_dir} has no tokenizer in its manifest")
-
-    for name, key in SINGLE_TOKEN_SIGNATURES.items():
-        first = next(iter(manifest["bundles"][name]["signatures"]))
-        if first != key:
-            raise SystemExit(f"{files[name]} starts with signature {first}, LiteRT-LM needs {key} first: convert it again")
-
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".litertlm-", dir=out_file.parent) as tmp:
-        tmp = Path(tmp)
-        metadata_path = tmp / "llm_metadata.pb"
-        metadata_path.write_bytes(llm_metadata(manifest).SerializeToString())
-
-        builder = lb.LitertLmFileBuilder()
-        builder.add_system_metadata(lb.Metadata("Authors", "g3n-convert", lb.DType.STRING))
-        builder.add_system_metadata(lb.Metadata("g3n_variant", str(manifest.get("variant", "")), lb.DType.STRING))
-        builder.add_tflite_model(str(files[names.TEXT_CORE]), lb.TfLiteModelType.PREFILL_DECODE)
-        builder.add_tflite_model(str(files[names.EMBEDDER]), lb.TfLiteModelType.EMBEDDER)
-        builder.add_tflite_model(str(files[names.PLE]), lb.TfLiteModelType.PER_LAYER_EMBEDDER)
-        builder.add_sentencepiece_tokenizer(str(bundle_dir / tokenizer["file"]))
-        builder.add_llm_metadata(str(metadata_path))
-        partial = tmp / out_file.name
-        with open(partial, "wb") as f:  # the builder seeks back to write the header last
-            builder.build(f, validate_metadata=True)
-        partial.replace(out_file)
-    return out_file
+    return pack_folder(Path(bundle_dir), Path(out_file))
 
 
 # --- run ----------------------------------------------------------------------------------------

@@ -57,7 +57,7 @@ RUN_CASES = [
 ]
 CACHED_ENGINES = ("compiled", "litert-lm")
 PAIRED_REPEATS = 3  # interleaved runs per point when g3n-run and LiteRT-LM are compared
-LITERTLM_PYTHON = ROOT / ".venv-litertlm" / "bin" / "python"
+LITERTLM_PYTHON = Path(sys.executable)  # litert-lm-api is installed with g3n (make setup)
 NEW_TOKENS = 32
 INT4_IDEAL_BITS = 4 + 16 / 32  # 4-bit weights plus one fp16 scale per block of 32
 
@@ -279,7 +279,7 @@ def runtime_table(results: list, budgets: dict[str, int]) -> list[str]:
         "",
         f"Each row is one process: load the folder, prefill a prompt of random token ids, decode {NEW_TOKENS} tokens "
         "greedily, 2 threads. `compiled` is g3n-run (bench/runtime_case.py: CompiledModel, KV cache updated in "
-        "place); `litert-lm` is the same folder packed as .litertlm (bench/litertlm.py) and run by LiteRT-LM's "
+        "place); `litert-lm` is the same folder packed as .litertlm (g3n-convert pack) and run by LiteRT-LM's "
         "Python engine (litert-lm-api 0.18.1, its own Benchmark timings); `interpreter` passes the whole cache "
         "through Python each call (for comparison). Both g3n-run and LiteRT-LM keep XNNPACK's packed weights in a "
         "cache file: the first load builds it (`built`), later loads map it (`loaded`). `compiled+image` / "
@@ -419,9 +419,6 @@ def main() -> None:
         for label, lengths, engines in RUN_CASES:
             if label not in folders:
                 continue
-            if "litert-lm" in engines and not LITERTLM_PYTHON.exists():
-                print("skipping litert-lm: `make bench` installs it into .venv-litertlm", flush=True)
-                engines = [e for e in engines if e != "litert-lm"]
             jobs = [(e, lengths[0]) for e in engines if e in CACHED_ENGINES]  # cold: builds the weight cache
             # Engines compared side by side run interleaved, several times: the median is what counts.
             repeats = PAIRED_REPEATS if "litert-lm" in engines else 1

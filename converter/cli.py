@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,7 +23,10 @@ Examples:
   g3n-convert --checkpoint ./gemma-3n-E2B-it --out ./e2b-bundle
   g3n-convert --checkpoint ./gemma-3n-E2B-it --quant int4 --out ./e2b-int4
   g3n-convert --variant e2b --random-weights --out ./e2b-random
+  g3n-convert --checkpoint ./gemma-3n-E2B-it --quant int4 --format litertlm --out ./e2b
+  g3n-convert pack ./e2b-int4 --out ./e2b-int4.litertlm
   g3n-convert verify ./e2b-bundle
+  g3n-convert verify ./e2b-int4.litertlm
 """
 
 
@@ -142,12 +146,13 @@ class _StageDisplay:
 @click.option("--cache-length", type=click.IntRange(min=2), default=1024, show_default=True, help="KV cache length: the longest context the bundle can hold.")
 @click.option("--tokenizer", type=click.Path(path_type=Path), default=None, help="SentencePiece tokenizer.model to bundle (default: the checkpoint's).")
 @click.option("--bundles", default=None, callback=_parse_bundles, help="Comma-separated bundles to build, from embedder, ple, text_core, vision_encoder, audio_encoder  [default: all the checkpoint has]")
+@click.option("--format", "out_format", type=click.Choice(["folder", "litertlm", "both"]), default="folder", show_default=True, help="folder: loose .tflite bundles and manifest.json; litertlm: one <out>/<name>.litertlm for LiteRT-LM (text sections); both.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON instead of a summary.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 @click.option("-v", "--verbose", is_flag=True, help="Also show litert-torch's own conversion log.")
 @click.pass_context
 def main(ctx, checkpoint, random_weights, seed, variant, quant, block_size, quant_text, quant_embed, quant_ple,
-         quant_vision, quant_audio, strict, skip_quality, out, prefill_lengths, cache_length, tokenizer, bundles, as_json, quiet, verbose):
+         quant_vision, quant_audio, strict, skip_quality, out, prefill_lengths, cache_length, tokenizer, bundles, out_format, as_json, quiet, verbose):
     """Compile a Gemma 3n checkpoint into LiteRT bundles for phones.
 
     Writes text_core.tflite (prefill_<N> / decode signatures with an explicit KV cache),
@@ -165,8 +170,17 @@ def main(ctx, checkpoint, random_weights, seed, variant, quant, block_size, quan
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     signal.signal(signal.SIGINT, _raise_keyboard_interrupt)
     name = variant or ("e2b" if checkpoint is None else Path(checkpoint).name)
+    out = out or Path(f"g3n-{name}")
+    folder = out
+    if out_format == "litertlm":  # the bundles are built in a hidden folder and packed
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            _fail(f"cannot create {out}: {exc.strerror or exc}")
+        staging = tempfile.TemporaryDirectory(prefix=".g3n-bundle-", dir=out)
+        folder = Path(staging.name) / name
     opts = ConvertOptions(
-        out=out or Path(f"g3n-{name}"),
+        out=folder,
         variant=variant,
         checkpoint=checkpoint,
         random_weights=random_weights,
@@ -191,6 +205,11 @@ def main(ctx, checkpoint, random_weights, seed, variant, quant, block_size, quan
     try:
         with native_logs_silenced(not verbose):
             manifest = convert(opts, on_stage=display)
+            if out_format != "folder":
+                display("packing .litertlm")
+                from converter.pack import pack
+
+                packed = pack(folder, out / f"{name}.litertlm", verify="sizes")  # just written and hashed
         ok = True
     except G3nError as exc:
         _fail(str(exc))
@@ -201,10 +220,16 @@ def main(ctx, checkpoint, random_weights, seed, variant, quant, block_size, quan
     finally:
         display.close(ok)
 
+    if out_format == "litertlm":
+        staging.cleanup()
     if as_json:
         click.echo(json.dumps(manifest, indent=2))
-    else:
+    elif out_format == "folder":
         print_summary(opts.out, manifest)
+    else:
+        if out_format == "both":
+            print_summary(opts.out, manifest)
+        click.echo(f"{packed} ({packed.stat().st_size / 1e6:,.2f} MB). Check it any time with: g3n-convert verify {packed}")
     if "quality" in manifest:  # the quality report ran LiteRT, which logs its teardown at exit
         quiet_native_teardown()
 
@@ -241,23 +266,48 @@ def print_summary(out: Path, manifest: dict) -> None:
 
 
 @main.command()
-@click.argument("folder", type=click.Path(path_type=Path))
+@click.argument("target", metavar="FOLDER_OR_FILE", type=click.Path(path_type=Path))
 @click.option("--fast", is_flag=True, help="Check sizes only, skip sha256.")
-def verify(folder, fast):
-    """Re-check every file of a bundle folder against its manifest (size and sha256)."""
+def verify(target, fast):
+    """Re-check a bundle folder against its manifest.json, or every section of a .litertlm
+    against the g3n manifest it carries (size and sha256)."""
+    from bundle.litertlm import is_litertlm, verify_litertlm
     from bundle.manifest import read_manifest, verify_bundle
 
     try:
-        manifest = read_manifest(folder)
-        problems = verify_bundle(folder, check_hashes=not fast, manifest=manifest)
-        count = len(manifest.listed_files())
+        if is_litertlm(target):
+            packed, problems = verify_litertlm(target)
+            count, what, against = len(packed.sections), "sections", f"the g3n manifest in {target}"
+        else:
+            manifest = read_manifest(target)
+            problems = verify_bundle(target, check_hashes=not fast, manifest=manifest)
+            count, what, against = len(manifest.listed_files()), "files", f"{target}/manifest.json"
     except G3nError as exc:
         _fail(str(exc))
     if problems:
         for p in problems:
             click.echo(f"FAIL {p}", err=True)
-        _fail(f"{len(problems)} of {count} files do not match {folder}/manifest.json")
-    click.echo(f"OK {count} files match {folder}/manifest.json")
+        _fail(f"{len(problems)} of {count} {what} do not match {against}")
+    click.echo(f"OK {count} {what} match {against}")
+
+
+@main.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="The .litertlm to write  [default: FOLDER.litertlm]")
+def pack(folder, out):
+    """Pack a bundle folder into one .litertlm for LiteRT-LM (Android apps, its C++ / Kotlin API).
+
+    Every file is checked against the folder's manifest (size and sha256) first; the folder's
+    manifest travels inside the file, so `g3n-convert verify FILE.litertlm` can check it later.
+    """
+    with native_stderr_to_devnull():
+        from converter.pack import pack as pack_folder
+    out = out or Path(f"{Path(folder).resolve()}.litertlm")
+    try:
+        written = pack_folder(folder, out)
+    except G3nError as exc:
+        _fail(str(exc))
+    click.echo(f"{written} ({written.stat().st_size / 1e6:,.2f} MB). Check it any time with: g3n-convert verify {written}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,120 @@
+"""Pack a verified bundle folder into one .litertlm file, the form LiteRT-LM's engine and the
+Android apps built on it (AI Edge Gallery, LiteRT-LM's Kotlin / C++ API) load.
+
+Sections, in LiteRT-LM's model types: text_core as `tf_lite_prefill_decode`, the token embedder
+as `tf_lite_embedder`, the per-layer-embedding table as `tf_lite_per_layer_embedder`, the
+SentencePiece tokenizer, an LlmMetadata (model type Gemma3N, start / stop tokens, the Gemma chat
+format, max_num_tokens), and g3n's own manifest section (bundle/litertlm.py), which records each
+section's sha256 so `g3n-convert verify FILE.litertlm` and a device can check the file.
+
+Every section is a byte-for-byte copy of a file the folder's manifest lists (or, for the two
+metadata sections, bytes g3n writes here), so a section's sha256 is the file's.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from bundle import names
+from bundle.errors import BundleError
+from bundle.files import atomic_path, sha256_file
+from bundle.litertlm import MANIFEST_FORMAT, MANIFEST_FORMAT_VERSION, MANIFEST_ITEM, SUFFIX, verify_litertlm
+from bundle.manifest import Manifest, member_path, open_bundle
+
+# LiteRT-LM's CPU executor looks tokens up one at a time through the FIRST signature of the
+# embedder and per-layer-embedder models (it passes no signature name): g3n exports these
+# single-token signatures first, and packing checks it.
+SINGLE_TOKEN_SIGNATURES = {b: names.lookup_signature(b) for b in (names.EMBEDDER, names.PLE)}
+
+# The Gemma chat format (the same turns Gemma 3n's chat template renders).
+TURN_PREFIX = "<start_of_turn>{role}\n"
+TURN_SUFFIX = "<end_of_turn>\n"
+
+# Bundles LiteRT-LM's Gemma 3n executor takes today, by model type. The vision and audio encoders
+# are not packed yet: LiteRT-LM splits them differently (encoder + adapter models).
+TEXT_SECTIONS = {
+    names.TEXT_CORE: "PREFILL_DECODE",
+    names.EMBEDDER: "EMBEDDER",
+    names.PLE: "PER_LAYER_EMBEDDER",
+}
+
+
+def llm_metadata(manifest: Manifest):
+    """LiteRT-LM's LlmMetadata for a g3n text bundle."""
+    from litert_lm_builder.runtime.proto import llm_metadata_pb2
+
+    config = manifest.config
+    metadata = llm_metadata_pb2.LlmMetadata()
+    metadata.start_token.token_ids.ids.append(config["bos_token_id"])
+    for token in config["eos_token_ids"]:
+        metadata.stop_tokens.add().token_ids.ids.append(token)
+    metadata.max_num_tokens = int(manifest.cache_length)  # the text core's static KV cache
+    metadata.llm_model_type.gemma3n.SetInParent()
+    for role, template in (("user", metadata.prompt_templates.user), ("model", metadata.prompt_templates.model)):
+        template.prefix = TURN_PREFIX.format(role=role)
+        template.suffix = TURN_SUFFIX
+    # The builder refuses an LLM without these two flags.
+    metadata.supports_thinking = False
+    metadata.supports_function_calling = False
+    return metadata
+
+
+def pack(bundle_dir: Path, out_file: Path, verify: str = "always") -> Path:
+    """Write `out_file` (.litertlm) from the bundle folder `bundle_dir`, after checking every file
+    against its manifest (`verify`: always / once / sizes, as for a runner). Atomic: the file
+    appears complete or not at all."""
+    from litert_lm_builder import litertlm_builder as lb
+
+    bundle_dir, out_file = Path(bundle_dir), Path(out_file)
+    if out_file.suffix != SUFFIX:
+        raise BundleError(f"{out_file}: a LiteRT-LM file must end in {SUFFIX}")
+    manifest = open_bundle(bundle_dir, verify=verify, needs=tuple(TEXT_SECTIONS))
+    tokenizer = manifest.files.get(names.TOKENIZER)
+    if tokenizer is None:
+        raise BundleError(f"{bundle_dir} has no tokenizer in its manifest; convert it again with --tokenizer")
+    for name, key in SINGLE_TOKEN_SIGNATURES.items():
+        first = next(iter(manifest.bundles[name].signatures))
+        if first != key:
+            raise BundleError(f"{bundle_dir}/{manifest.bundles[name].file} starts with signature {first}; "
+                              f"LiteRT-LM needs {key} first: convert the folder again with this g3n")
+
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".g3n-pack-", dir=out_file.parent) as tmp:
+        tmp = Path(tmp)
+        metadata_path = tmp / "llm_metadata.pb"
+        metadata_path.write_bytes(llm_metadata(manifest).SerializeToString())
+
+        builder = lb.LitertLmFileBuilder()
+        builder.add_system_metadata(lb.Metadata("Authors", "g3n-convert", lb.DType.STRING))
+        builder.add_system_metadata(lb.Metadata("g3n_variant", manifest.variant, lb.DType.STRING))
+        # (what the section holds, its model type, its source file), in the builder's section order
+        planned = []
+        for name, model_type in TEXT_SECTIONS.items():
+            path = member_path(bundle_dir, manifest.bundles[name])
+            model_type = getattr(lb.TfLiteModelType, model_type)
+            builder.add_tflite_model(str(path), model_type)
+            planned.append((name, model_type.value, path))
+        tokenizer_path = member_path(bundle_dir, tokenizer)
+        builder.add_sentencepiece_tokenizer(str(tokenizer_path))
+        planned.append((names.TOKENIZER, None, tokenizer_path))
+        builder.add_llm_metadata(str(metadata_path))
+        planned.append(("llm_metadata", None, metadata_path))
+
+        record = tmp / "g3n_manifest.json"
+        record.write_bytes(json.dumps({
+            "format": MANIFEST_FORMAT, "format_version": MANIFEST_FORMAT_VERSION,
+            "manifest": manifest.to_dict(),
+            "sections": [{"index": i, "holds": holds, "model_type": model_type, "bytes": path.stat().st_size,
+                          "sha256": sha256_file(path)} for i, (holds, model_type, path) in enumerate(planned)],
+        }, indent=1).encode())
+        builder.add_generic_binary_data(str(record), [lb.Metadata(MANIFEST_ITEM, True, lb.DType.BOOL)])
+
+        with atomic_path(out_file) as partial:
+            with open(partial, "wb") as f:  # the builder seeks back to write the header last
+                builder.build(f, validate_metadata=True)
+            _, problems = verify_litertlm(partial)  # what was written is what was planned
+            if problems:
+                raise BundleError(f"litert-lm-builder did not write the planned file: {'; '.join(problems)}")
+    return out_file

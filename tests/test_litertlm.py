@@ -1,0 +1,227 @@
+""".litertlm: packed from a bundle folder, verified section by section, and run by Google's
+LiteRT-LM engine (litert-lm-api) with transformers' greedy output."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from bundle.errors import BundleError
+from bundle.litertlm import read_sections, verify_litertlm
+from converter.cli import main as convert_main
+from converter.pack import pack
+from runtime.chat import Tokenizer
+from tests.conftest import TINY_CACHE, TINY_PREFILL
+
+ROOT = Path(__file__).resolve().parents[1]
+NEW_TOKENS = 8
+
+
+def litertlm(path: Path, **spec) -> dict:
+    """LiteRT-LM's answers for `spec` (tests/support/litertlm_probe.py), in its own process."""
+    spec_file = Path(path).with_suffix(".spec.json")
+    spec_file.write_text(json.dumps({"max_new_tokens": NEW_TOKENS, **spec}))
+    done = subprocess.run([sys.executable, "-m", "tests.support.litertlm_probe", str(path), str(spec_file)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def hf_greedy(model, ids: list[int], stop_ids, new_tokens: int = NEW_TOKENS) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False,
+                             eos_token_id=sorted(stop_ids), pad_token_id=0)
+    return [t for t in out[0, len(ids):].tolist() if t not in stop_ids]
+
+
+def hf_log_probs(model, prompt_ids: list[int], target_ids: list[int]) -> np.ndarray:
+    """log p(target token | everything before it), teacher-forced, as LiteRT-LM's text scoring."""
+    ids = torch.tensor([prompt_ids + target_ids])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].double()
+    log_probs = torch.log_softmax(logits, dim=-1)
+    rows = torch.arange(len(prompt_ids) - 1, len(prompt_ids) + len(target_ids) - 1)
+    return log_probs[rows, torch.tensor(target_ids)].numpy()
+
+
+@pytest.fixture(scope="module")
+def text_model(tiny_text_checkpoint):
+    from transformers import Gemma3nForCausalLM
+
+    return Gemma3nForCausalLM.from_pretrained(tiny_text_checkpoint, attn_implementation="eager",
+                                              dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def text_bundle(tiny_text_checkpoint, tmp_path_factory) -> Path:
+    from converter.pipeline import ConvertOptions, convert
+
+    out = tmp_path_factory.mktemp("litertlm") / "text"
+    convert(ConvertOptions(out=out, checkpoint=tiny_text_checkpoint, prefill_lengths=TINY_PREFILL, cache_length=TINY_CACHE))
+    return out
+
+
+@pytest.fixture(scope="module")
+def text_file(text_bundle, tmp_path_factory) -> Path:
+    return pack(text_bundle, tmp_path_factory.mktemp("litertlm") / "text.litertlm")
+
+
+@pytest.fixture(scope="module")
+def mm_file(tiny_bundle, tmp_path_factory) -> Path:
+    """The multimodal checkpoint's folder (all five bundles), packed."""
+    return pack(tiny_bundle, tmp_path_factory.mktemp("litertlm") / "mm.litertlm")
+
+
+# --- the file and its manifest ------------------------------------------------------------------
+
+
+def test_sections_are_the_folders_files_byte_for_byte(text_bundle, text_file):
+    packed, problems = verify_litertlm(text_file)
+    assert problems == []
+    by_name = {e["holds"]: e for e in packed.sections}
+    assert {"text_core", "embedder", "ple", "tokenizer", "llm_metadata"} <= set(by_name)
+    sections = {s.index: s for s in read_sections(text_file)}
+    data = text_file.read_bytes()
+    for name in ("text_core", "embedder", "ple"):
+        entry = packed.manifest.bundles[name]
+        section = sections[by_name[name]["index"]]
+        assert data[section.begin:section.end] == (text_bundle / entry.file).read_bytes()
+    assert sections[by_name["text_core"]["index"]].model_type == "tf_lite_prefill_decode"
+    assert sections[by_name["ple"]["index"]].model_type == "tf_lite_per_layer_embedder"
+    assert packed.manifest.to_dict() == json.loads((text_bundle / "manifest.json").read_text())
+
+
+def test_verify_names_a_damaged_section(text_file, tmp_path):
+    damaged = tmp_path / "damaged.litertlm"
+    shutil.copy(text_file, damaged)
+    packed, _ = verify_litertlm(damaged)
+    ple = next(e for e in packed.sections if e["holds"] == "ple")
+    section = next(s for s in read_sections(damaged) if s.index == ple["index"])
+    with open(damaged, "r+b") as f:
+        f.seek(section.begin + section.bytes // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    _, problems = verify_litertlm(damaged)
+    assert problems == [f"section {ple['index']} (ple): sha256 differs from the manifest (file corrupted or modified)"]
+
+    result = CliRunner().invoke(convert_main, ["verify", str(damaged)])
+    assert result.exit_code == 1
+    assert "(ple): sha256 differs" in result.output
+    ok = CliRunner().invoke(convert_main, ["verify", str(text_file)])
+    assert ok.exit_code == 0 and "OK 5 sections match" in ok.output
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not a litertlm", "foreign"])
+def test_damaged_or_foreign_files_are_one_clear_error(text_file, tmp_path, damage):
+    path = tmp_path / "x.litertlm"
+    if damage == "truncated":
+        path.write_bytes(text_file.read_bytes()[:40])
+    elif damage == "not a litertlm":
+        path.write_bytes(b"PK\x03\x04" + bytes(100))
+    else:  # a .litertlm without g3n's manifest section
+        from litert_lm_builder import litertlm_builder as lb
+
+        builder = lb.LitertLmFileBuilder()
+        builder.add_system_metadata(lb.Metadata("Authors", "someone", lb.DType.STRING))
+        builder.add_generic_binary_data(__file__)
+        with open(path, "wb") as f:
+            builder.build(f)
+    with pytest.raises(BundleError) as err:
+        verify_litertlm(path)
+    assert str(path) in str(err.value)
+
+
+def test_pack_refuses_a_damaged_folder_and_leaves_nothing(text_bundle, tmp_path):
+    folder = tmp_path / "bundle"
+    shutil.copytree(text_bundle, folder)
+    with open(folder / "embedder.tflite", "r+b") as f:
+        f.seek(1000)
+        f.write(b"\x00\x01\x02")
+    out = tmp_path / "out.litertlm"
+    with pytest.raises(BundleError, match="embedder.tflite: sha256 differs"):
+        pack(folder, out)
+    assert list(tmp_path.glob("out*")) == [] and list(tmp_path.glob(".*")) == []
+
+
+# --- LiteRT-LM runs it: transformers' greedy output ---------------------------------------------------
+
+
+def _check_against_transformers(path: Path, model, tokenizer: Tokenizer):
+    raw_prompts = ["The quick brown fox jumps over the lazy dog", "1 2 3 4 5"]
+    chat = ["Hi there", "And again?"]
+    got = litertlm(path, raw=raw_prompts, chat=chat)
+    stops = set(tokenizer.stop_ids)
+
+    # Raw prompts: no template, the start token then the text.
+    for prompt, text in zip(raw_prompts, got["raw"]):
+        ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
+        assert text == tokenizer.decode(hf_greedy(model, ids, stops)), prompt
+
+    # Chat: LiteRT-LM renders the Gemma turns itself; transformers gets the same token ids.
+    assert got["rendered"] == "<start_of_turn>user\nHi there<end_of_turn>\n<start_of_turn>model\n"
+    history = tokenizer.user_turn(chat[0])
+    reply1 = hf_greedy(model, history, stops)
+    assert got["chat"][0] == tokenizer.decode(reply1)
+    # The second turn runs on LiteRT-LM's cached conversation; transformers gets the whole history.
+    history += reply1 + tokenizer.encode("<end_of_turn>\n") + tokenizer.user_turn(chat[1], first=False)
+    assert got["chat"][1] == tokenizer.decode(hf_greedy(model, history, stops))
+
+
+def test_litertlm_engine_matches_transformers_text_only(text_file, text_bundle, text_model):
+    _check_against_transformers(text_file, text_model, Tokenizer(text_bundle / "tokenizer.model"))
+
+
+def test_litertlm_engine_matches_transformers_multimodal_checkpoint(mm_file, tiny_bundle, reference):
+    _check_against_transformers(mm_file, reference, Tokenizer(tiny_bundle / "tokenizer.model"))
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "LiteRT-LM 0.18.1's teacher-forced log-probabilities on this file differ from transformers' by "
+    "up to 0.64 nats (g3n-run on the same folder: within 1e-4); greedy text agrees. Already 0.13 "
+    "at the first step after a 2-token prompt, so per step, not the cache or the mask; not a second "
+    "softcap, a temperature, the start token, or the activation type (FLOAT32 gives the same "
+    "numbers): open in the .litertlm issue."))
+def test_litertlm_log_probs_match_transformers(text_file, text_bundle, text_model):
+    # Every position of prompt and target goes through the KV cache, so a wrong cache, mask or
+    # position shows here even when the tiny model's greedy text (it repeats the last token) agrees.
+    # atol 2e-3: LiteRT-LM's CPU executor may quantize activations on the fly (XNNPACK dynamic
+    # range), which moves float32 logits by about 1e-3.
+    tokenizer = Tokenizer(text_bundle / "tokenizer.model")
+    prompt, target = "Once upon a time", " there was a fox who lived in a wood"
+    (scores,) = litertlm(text_file, score=[(prompt, target)])["score"]
+    expected = hf_log_probs(text_model, [tokenizer.bos_id] + tokenizer.encode(prompt), tokenizer.encode(target))
+    np.testing.assert_allclose(np.array(scores), expected, atol=2e-3)
+
+
+# --- the command line ----------------------------------------------------------------------------
+
+
+def test_convert_format_litertlm_writes_one_file(tiny_text_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(convert_main, [
+        "--checkpoint", str(tiny_text_checkpoint), "--out", str(out), "--format", "litertlm", "-q",
+        "--prefill-lengths", ",".join(map(str, TINY_PREFILL)), "--cache-length", str(TINY_CACHE)])
+    assert result.exit_code == 0, result.output
+    files = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    assert files == [f"{tiny_text_checkpoint.name}.litertlm"]
+    _, problems = verify_litertlm(out / files[0])
+    assert problems == []
+
+
+def test_pack_command(text_bundle, tmp_path):
+    out = tmp_path / "cli.litertlm"
+    result = CliRunner().invoke(convert_main, ["pack", str(text_bundle), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert verify_litertlm(out)[1] == []
+    bad = CliRunner().invoke(convert_main, ["pack", str(tmp_path / "missing"), "--out", str(out)])
+    assert bad.exit_code == 1 and "does not exist" in bad.output
