@@ -339,6 +339,11 @@ def open_bundle(folder: Path, verify: str = "once", needs: tuple[str, ...] = (),
     if verify not in VERIFY_MODES:
         raise ValueError(f"verify must be one of {', '.join(VERIFY_MODES)}")
     folder = Path(folder)
+    if folder.is_file() and folder.suffix == ".litertlm":
+        # LiteRT's Python API loads a model from a path or from a bytes copy, never from a byte
+        # range of a mapped file, so running a section in place is not possible from Python.
+        raise BundleError(f"{folder} is a .litertlm file: run it with LiteRT-LM's engine (litert_lm.Engine, "
+                          "or the Android / C++ API); g3n-run runs bundle folders (g3n-convert --format folder or both)")
     if not folder.is_dir():
         raise BundleError(f"bundle folder {folder} does not exist")
     manifest = read_manifest(folder)

@@ -218,6 +218,14 @@ def test_convert_format_litertlm_writes_one_file(tiny_text_checkpoint, tmp_path)
     assert problems == []
 
 
+def test_g3n_run_names_the_engine_for_a_litertlm(text_file):
+    from runtime.cli import main as run_main
+
+    result = CliRunner().invoke(run_main, [str(text_file), "--prompt", "hi"])
+    assert result.exit_code != 0
+    assert "run it with LiteRT-LM's engine" in result.output
+
+
 def test_pack_command(text_bundle, tmp_path):
     out = tmp_path / "cli.litertlm"
     result = CliRunner().invoke(convert_main, ["pack", str(text_bundle), "--out", str(out)])
