@@ -205,8 +205,8 @@ def test_litertlm_engine_matches_transformers_multimodal_checkpoint(mm_file, tin
 
 @pytest.mark.xfail(strict=True, reason=(
     "LiteRT-LM 0.18.1's teacher-forced log-probabilities (Session.run_text_scoring) differ from "
-    "transformers' by up to 1.35 nats on this file (0.64 on the unvaried tiny model) (g3n-run on the same folder: within 1e-4), while its greedy text over varied "
-    "tokens agrees. Not a second softcap, a temperature, the start token, the mask's extent or the "
+    "transformers' by up to 1.35 nats on this file (0.64 on the unvaried tiny model; g3n-run on the "
+    "same folder: within 1e-4), while its greedy text over varied tokens agrees. Not a second softcap, a temperature, the start token, the mask's extent or the "
     "activation type (FLOAT32 gives the same numbers): open in the .litertlm issue."))
 def test_litertlm_log_probs_match_transformers(text_file, text_bundle, text_model):
     # Every position of prompt and target goes through the KV cache, so a wrong cache, mask or
