@@ -2,8 +2,9 @@
 Android apps built on it (AI Edge Gallery, LiteRT-LM's Kotlin / C++ API) load.
 
 Sections, in LiteRT-LM's model types: text_core as `tf_lite_prefill_decode`, the token embedder
-as `tf_lite_embedder`, the per-layer-embedding table as `tf_lite_per_layer_embedder`, the
-SentencePiece tokenizer, an LlmMetadata (model type Gemma3N, start / stop tokens, the Gemma chat
+as `tf_lite_embedder`, the per-layer-embedding table as `tf_lite_per_layer_embedder`, the vision
+encoder (when the folder has one) as `tf_lite_vision_encoder`, the SentencePiece tokenizer, an
+LlmMetadata (model type Gemma3N with its image tokens and size, start / stop tokens, the Gemma chat
 format, max_num_tokens), and g3n's own manifest section (bundle/litertlm.py), which records each
 section's sha256 so `g3n-convert verify FILE.litertlm` and a device can check the file.
 
@@ -32,8 +33,8 @@ SINGLE_TOKEN_SIGNATURES = {b: names.lookup_signature(b) for b in (names.EMBEDDER
 TURN_PREFIX = "<start_of_turn>{role}\n"
 TURN_SUFFIX = "<end_of_turn>\n"
 
-# Bundles LiteRT-LM's Gemma 3n executor takes today, by model type. The vision and audio encoders
-# are not packed yet: LiteRT-LM splits them differently (encoder + adapter models).
+# The text bundles by LiteRT-LM model type. The audio encoder is not packed: LiteRT-LM computes its
+# own log-mel features (another front end than transformers') and wants encoder + adapter models.
 TEXT_SECTIONS = {
     names.TEXT_CORE: "PREFILL_DECODE",
     names.EMBEDDER: "EMBEDDER",
@@ -41,8 +42,10 @@ TEXT_SECTIONS = {
 }
 
 
-def llm_metadata(manifest: Manifest):
-    """LiteRT-LM's LlmMetadata for a g3n text bundle."""
+def llm_metadata(manifest: Manifest, tokenizer: Path):
+    """LiteRT-LM's LlmMetadata for a g3n bundle; `tokenizer` names the media marker pieces (LiteRT-LM
+    takes Gemma3N's image tokens as strings)."""
+    import sentencepiece as spm
     from litert_lm_builder.runtime.proto import llm_metadata_pb2
 
     config = manifest.config
@@ -51,7 +54,14 @@ def llm_metadata(manifest: Manifest):
     for token in config["eos_token_ids"]:
         metadata.stop_tokens.add().token_ids.ids.append(token)
     metadata.max_num_tokens = int(manifest.cache_length)  # the text core's static KV cache
-    metadata.llm_model_type.gemma3n.SetInParent()
+    gemma3n = metadata.llm_model_type.gemma3n
+    gemma3n.SetInParent()
+    vision = manifest.encoders.get("vision")
+    if vision is not None and vision.bundle in manifest.bundles:
+        sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
+        gemma3n.start_of_image_token.token_str = sp.id_to_piece(vision.start_token_id)
+        gemma3n.end_of_image_token.token_str = sp.id_to_piece(vision.end_token_id)
+        gemma3n.image_tensor_height = gemma3n.image_tensor_width = vision.image.size
     for role, template in (("user", metadata.prompt_templates.user), ("model", metadata.prompt_templates.model)):
         template.prefix = TURN_PREFIX.format(role=role)
         template.suffix = TURN_SUFFIX
@@ -84,7 +94,7 @@ def pack(bundle_dir: Path, out_file: Path, verify: str = "always") -> Path:
     with tempfile.TemporaryDirectory(prefix=".g3n-pack-", dir=out_file.parent) as tmp:
         tmp = Path(tmp)
         metadata_path = tmp / "llm_metadata.pb"
-        metadata_path.write_bytes(llm_metadata(manifest).SerializeToString())
+        metadata_path.write_bytes(llm_metadata(manifest, member_path(bundle_dir, tokenizer)).SerializeToString())
 
         builder = lb.LitertLmFileBuilder()
         builder.add_system_metadata(lb.Metadata("Authors", "g3n-convert", lb.DType.STRING))
@@ -96,6 +106,13 @@ def pack(bundle_dir: Path, out_file: Path, verify: str = "always") -> Path:
             model_type = getattr(lb.TfLiteModelType, model_type)
             builder.add_tflite_model(str(path), model_type)
             planned.append((name, model_type.value, path))
+        if names.VISION_ENCODER in manifest.bundles:
+            # One model, image [1,S,S,3] in [0,1] -> soft-token embeddings [1,N,H]: LiteRT-LM writes
+            # an encoder's single output straight into `embeddings` when there is no adapter.
+            path = member_path(bundle_dir, manifest.bundles[names.VISION_ENCODER])
+            model_type = lb.TfLiteModelType.VISION_ENCODER
+            builder.add_tflite_model(str(path), model_type)
+            planned.append((names.VISION_ENCODER, model_type.value, path))
         tokenizer_path = member_path(bundle_dir, tokenizer)
         builder.add_sentencepiece_tokenizer(str(tokenizer_path))
         planned.append((names.TOKENIZER, None, tokenizer_path))

@@ -203,6 +203,62 @@ def test_litertlm_engine_matches_transformers_multimodal_checkpoint(mm_file, tin
     _check_against_transformers(mm_file, reference, Tokenizer(tiny_bundle / "tokenizer.model"), varied=False)
 
 
+@pytest.fixture(scope="module")
+def image_case(tiny_mm_checkpoint, tmp_path_factory):
+    """The tiny multimodal checkpoint with a random final norm (see varied_checkpoint), converted
+    with its vision encoder and packed; its transformers model; two pictures."""
+    from PIL import Image
+    from safetensors.numpy import load_file, save_file
+    from transformers import Gemma3nForConditionalGeneration
+
+    from converter.pipeline import ConvertOptions, convert
+
+    root = tmp_path_factory.mktemp("image")
+    checkpoint = root / "tiny-mm-varied"
+    shutil.copytree(tiny_mm_checkpoint, checkpoint)
+    weights = load_file(checkpoint / "model.safetensors")
+    key = "model.language_model.norm.weight"
+    weights[key] = np.random.default_rng(0).normal(0, 3, weights[key].shape).astype(np.float32)
+    save_file(weights, checkpoint / "model.safetensors", metadata={"format": "pt"})
+    folder = root / "bundle"
+    convert(ConvertOptions(out=folder, checkpoint=checkpoint, prefill_lengths=TINY_PREFILL, cache_length=TINY_CACHE,
+                           bundles=("embedder", "ple", "text_core", "vision_encoder"), quality_report=False))
+    model = Gemma3nForConditionalGeneration.from_pretrained(checkpoint, attn_implementation="eager",
+                                                            dtype=torch.float32).eval()
+    # Already at the encoder's 768 x 768, so LiteRT-LM's resize (stb, Catmull-Rom) is the identity.
+    pictures = []
+    for i, image in enumerate((Image.radial_gradient("L").convert("RGB"), Image.linear_gradient("L").convert("RGB"))):
+        pictures.append(root / f"picture{i}.png")
+        image.resize((768, 768)).save(pictures[-1])
+    return pack(folder, root / "image.litertlm"), folder, model, pictures
+
+
+def test_litertlm_image_prompt_matches_transformers(image_case):
+    from runtime.media import load_image
+
+    path, folder, model, pictures = image_case
+    tokenizer = Tokenizer(folder / "tokenizer.model")
+    vision = json.loads((folder / "manifest.json").read_text())["encoders"]["vision"]
+    got = litertlm(path, image=[(str(p), "Describe.") for p in pictures])["image"]
+
+    # LiteRT-LM's Gemma 3n layout: \n\n<start_of_image>, the soft tokens, \n\n, with no
+    # <end_of_image> (its Gemma3 data processor leaves it out; transformers' processor writes it).
+    sot, eot = tokenizer.markers["<start_of_turn>"], tokenizer.markers["<end_of_turn>"]
+    ids = [tokenizer.bos_id, sot] + tokenizer.sp.encode("user\n\n\n") + [vision["start_token_id"]]
+    ids += [vision["soft_token_id"]] * vision["soft_tokens"]
+    ids += tokenizer.sp.encode("\n\nDescribe.") + [eot] + tokenizer.sp.encode("\n") + [sot] + tokenizer.sp.encode("model\n")
+    expected = []
+    for picture in pictures:
+        pixels = torch.from_numpy(load_image(picture, vision["image"]["size"])).permute(0, 3, 1, 2)
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), pixel_values=pixels, max_new_tokens=NEW_TOKENS, do_sample=False,
+                                 eos_token_id=sorted(tokenizer.stop_ids), pad_token_id=0)
+        expected.append(tokenizer.decode([t for t in out[0, len(ids):].tolist() if t not in tokenizer.stop_ids]))
+    # On this tiny model the two pictures give the same reply: this checks that LiteRT-LM loads
+    # and runs the vision section within the prompt, not where each soft token lands.
+    assert got == expected
+
+
 @pytest.mark.xfail(strict=True, reason=(
     "LiteRT-LM 0.18.1's teacher-forced log-probabilities (Session.run_text_scoring) differ from "
     "transformers' by up to 1.35 nats on this file (0.64 on the unvaried tiny model; g3n-run on the "

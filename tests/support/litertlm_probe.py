@@ -3,8 +3,9 @@
   python -m tests.support.litertlm_probe FILE.litertlm SPEC.json
 
 SPEC: {"raw": [prompt, ...], "score": [[prompt, target], ...], "chat": [turn, ...],
-"max_new_tokens": N}. Output: {"raw": [text, ...], "score": [[token log-prob, ...], ...],
-"chat": [reply, ...], "rendered": [first turn as LiteRT-LM renders it]}.
+"image": [[image path, text], ...], "max_new_tokens": N}. Output: {"raw": [text, ...],
+"score": [[token log-prob, ...], ...], "chat": [reply, ...], "rendered": first turn as LiteRT-LM
+renders it, "image": [reply, ...]} (each image prompt a fresh conversation).
 
 Kept in its own process so LiteRT-LM's native library (liblitert-lm.so) never shares one with
 ai-edge-litert's interpreter in the test run, and a native failure is a failed test, not a crash.
@@ -24,8 +25,9 @@ def main() -> None:
     litert_lm.set_min_log_severity(litert_lm.LogSeverity.ERROR)
     greedy = litert_lm.SamplerConfig(top_k=1)
     new_tokens = spec.get("max_new_tokens", 8)
-    out = {"raw": [], "score": [], "chat": []}
-    engine = litert_lm.Engine(path, backend=litert_lm.Backend.CPU(thread_count=2), cache_dir=":nocache",
+    out = {"raw": [], "score": [], "chat": [], "image": []}
+    media = {"vision_backend": litert_lm.Backend.CPU(thread_count=2)} if spec.get("image") else {}
+    engine = litert_lm.Engine(path, backend=litert_lm.Backend.CPU(thread_count=2), cache_dir=":nocache", **media,
                               **({"activation_data_type": litert_lm.ActivationDataType[spec["activations"]]}
                                  if spec.get("activations") else {}))
     try:
@@ -46,6 +48,11 @@ def main() -> None:
             for turn in spec["chat"]:
                 reply = conversation.send_message(turn)
                 out["chat"].append("".join(part.text for part in reply.contents))
+            conversation.close()
+        for image, text in spec.get("image", []):
+            conversation = engine.create_conversation(sampler_config=greedy, max_output_tokens=new_tokens)
+            reply = conversation.send_message(litert_lm.Contents.of(litert_lm.Content.ImageFile(image), text))
+            out["image"].append("".join(part.text for part in reply.contents))
             conversation.close()
     finally:
         engine.close()
