@@ -146,7 +146,7 @@ class _StageDisplay:
 @click.option("--cache-length", type=click.IntRange(min=2), default=1024, show_default=True, help="KV cache length: the longest context the bundle can hold.")
 @click.option("--tokenizer", type=click.Path(path_type=Path), default=None, help="SentencePiece tokenizer.model to bundle (default: the checkpoint's).")
 @click.option("--bundles", default=None, callback=_parse_bundles, help="Comma-separated bundles to build, from embedder, ple, text_core, vision_encoder, audio_encoder  [default: all the checkpoint has]")
-@click.option("--format", "out_format", type=click.Choice(["folder", "litertlm", "both"]), default="folder", show_default=True, help="folder: loose .tflite bundles and manifest.json; litertlm: one <out>/<name>.litertlm for LiteRT-LM (text sections); both.")
+@click.option("--format", "out_format", type=click.Choice(["folder", "litertlm", "both"]), default="folder", show_default=True, help="folder: loose .tflite bundles and manifest.json; litertlm: one <out>/<name>.litertlm for LiteRT-LM (text and vision; no audio yet); both.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON instead of a summary.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 @click.option("-v", "--verbose", is_flag=True, help="Also show litert-torch's own conversion log.")
