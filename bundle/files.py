@@ -21,11 +21,19 @@ from bundle.errors import G3nError
 HASH_BLOCK = 1 << 24
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: Path, start: int = 0, length: int | None = None) -> str:
+    """sha256 of the file, or of `length` bytes from `start` (a section of a .litertlm)."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(HASH_BLOCK), b""):
+        fh.seek(start)
+        left = length
+        while left is None or left > 0:
+            block = fh.read(HASH_BLOCK if left is None else min(HASH_BLOCK, left))
+            if not block:
+                break
             digest.update(block)
+            if left is not None:
+                left -= len(block)
     return digest.hexdigest()
 
 

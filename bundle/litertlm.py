@@ -11,16 +11,15 @@ Reading uses LiteRT-LM's own header schema (litert-lm-builder's generated flatbu
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 from bundle.errors import BundleError, json_depth
+from bundle.files import sha256_file
 from bundle.manifest import Manifest
 
-SUFFIX = ".litertlm"
 MAGIC = b"LITERTLM"
 HEADER_END_OFFSET = 24  # where the header's end offset (uint64) sits
 HEADER_BEGIN = 32  # where the header flatbuffer starts
@@ -118,20 +117,6 @@ def read_range(path: Path, section: Section) -> bytes:
         return f.read(section.bytes)
 
 
-def sha256_range(path: Path, section: Section, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        f.seek(section.begin)
-        left = section.bytes
-        while left:
-            block = f.read(min(chunk, left))
-            if not block:
-                break
-            digest.update(block)
-            left -= len(block)
-    return digest.hexdigest()
-
-
 @dataclass(frozen=True)
 class PackedFile:
     """What g3n's manifest section says: the bundle manifest, and one entry per other section."""
@@ -191,7 +176,7 @@ def verify_litertlm(path: Path) -> tuple[PackedFile, list[str]]:
             problems.append(f"{what}: missing")
         elif section.bytes != entry["bytes"]:
             problems.append(f"{what}: {section.bytes} bytes, manifest says {entry['bytes']}")
-        elif sha256_range(path, section) != entry["sha256"]:
+        elif sha256_file(path, section.begin, section.bytes) != entry["sha256"]:
             problems.append(f"{what}: sha256 differs from the manifest (file corrupted or modified)")
         elif entry.get("model_type") != section.model_type:
             problems.append(f"{what}: model type {section.model_type!r}, manifest says {entry.get('model_type')!r}")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from bundle.errors import BundleError, read_json_object
 from bundle.files import explain_os_error, sha256_file, write_bytes_atomic
-from bundle.names import ALL_BUNDLES, ENCODER_BUNDLES, MANIFEST, MODALITY_BUNDLES
+from bundle.names import ALL_BUNDLES, ENCODER_BUNDLES, LITERTLM_SUFFIX, MANIFEST, MODALITY_BUNDLES
 from bundle.verified import VerifiedFiles
 
 FORMAT = "g3n-bundle"
@@ -339,7 +339,7 @@ def open_bundle(folder: Path, verify: str = "once", needs: tuple[str, ...] = (),
     if verify not in VERIFY_MODES:
         raise ValueError(f"verify must be one of {', '.join(VERIFY_MODES)}")
     folder = Path(folder)
-    if folder.is_file() and folder.suffix == ".litertlm":
+    if folder.is_file() and folder.suffix == LITERTLM_SUFFIX:
         # LiteRT's Python API loads a model from a path or from a bytes copy, never from a byte
         # range of a mapped file, so running a section in place is not possible from Python.
         raise BundleError(f"{folder} is a .litertlm file: run it with LiteRT-LM's engine (litert_lm.Engine, "

@@ -22,6 +22,7 @@ ALL_BUNDLES = TEXT_BUNDLES + ENCODER_BUNDLES
 MODALITY_BUNDLES = {"vision": VISION_ENCODER, "audio": AUDIO_ENCODER}
 
 MANIFEST = "manifest.json"
+LITERTLM_SUFFIX = ".litertlm"  # LiteRT-LM's one-file form of a bundle (bundle/litertlm.py)
 TOKENIZER = "tokenizer"  # manifest "files" key
 TOKENIZER_FILE = "tokenizer.model"  # the checkpoint's SentencePiece model, copied as is
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from bundle import names
 from bundle.errors import BundleError
 from bundle.files import atomic_path, sha256_file
-from bundle.litertlm import MANIFEST_FORMAT, MANIFEST_FORMAT_VERSION, MANIFEST_ITEM, SUFFIX, verify_litertlm
+from bundle.litertlm import MANIFEST_FORMAT, MANIFEST_FORMAT_VERSION, MANIFEST_ITEM, verify_litertlm
 from bundle.manifest import Manifest, member_path, open_bundle
 
 # LiteRT-LM's CPU executor looks tokens up one at a time through the FIRST signature of the
@@ -33,12 +33,16 @@ SINGLE_TOKEN_SIGNATURES = {b: names.lookup_signature(b) for b in (names.EMBEDDER
 TURN_PREFIX = "<start_of_turn>{role}\n"
 TURN_SUFFIX = "<end_of_turn>\n"
 
-# The text bundles by LiteRT-LM model type. The audio encoder is not packed: LiteRT-LM computes its
-# own log-mel features (another front end than transformers') and wants encoder + adapter models.
-TEXT_SECTIONS = {
+# Bundles packed as models, by LiteRT-LM model type (litert-lm-builder's TfLiteModelType), in
+# section order. The vision encoder is one model, image [1,S,S,3] in [0,1] -> soft-token
+# embeddings [1,N,H]: with no adapter, LiteRT-LM writes its single output straight into
+# `embeddings`. The audio encoder is not packed: LiteRT-LM computes its own log-mel features
+# (another front end than transformers') and wants encoder + adapter models.
+MODEL_SECTIONS = {
     names.TEXT_CORE: "PREFILL_DECODE",
     names.EMBEDDER: "EMBEDDER",
     names.PLE: "PER_LAYER_EMBEDDER",
+    names.VISION_ENCODER: "VISION_ENCODER",
 }
 
 
@@ -78,9 +82,9 @@ def pack(bundle_dir: Path, out_file: Path, verify: str = "always") -> Path:
     from litert_lm_builder import litertlm_builder as lb
 
     bundle_dir, out_file = Path(bundle_dir), Path(out_file)
-    if out_file.suffix != SUFFIX:
-        raise BundleError(f"{out_file}: a LiteRT-LM file must end in {SUFFIX}")
-    manifest = open_bundle(bundle_dir, verify=verify, needs=tuple(TEXT_SECTIONS))
+    if out_file.suffix != names.LITERTLM_SUFFIX:
+        raise BundleError(f"{out_file}: a LiteRT-LM file must end in {names.LITERTLM_SUFFIX}")
+    manifest = open_bundle(bundle_dir, verify=verify, needs=names.TEXT_BUNDLES)
     tokenizer = manifest.files.get(names.TOKENIZER)
     if tokenizer is None:
         raise BundleError(f"{bundle_dir} has no tokenizer in its manifest; convert it again with --tokenizer")
@@ -101,18 +105,13 @@ def pack(bundle_dir: Path, out_file: Path, verify: str = "always") -> Path:
         builder.add_system_metadata(lb.Metadata("g3n_variant", manifest.variant, lb.DType.STRING))
         # (what the section holds, its model type, its source file), in the builder's section order
         planned = []
-        for name, model_type in TEXT_SECTIONS.items():
+        for name, model_type in MODEL_SECTIONS.items():
+            if name not in manifest.bundles:  # the text bundles are checked present above
+                continue
             path = member_path(bundle_dir, manifest.bundles[name])
             model_type = getattr(lb.TfLiteModelType, model_type)
             builder.add_tflite_model(str(path), model_type)
             planned.append((name, model_type.value, path))
-        if names.VISION_ENCODER in manifest.bundles:
-            # One model, image [1,S,S,3] in [0,1] -> soft-token embeddings [1,N,H]: LiteRT-LM writes
-            # an encoder's single output straight into `embeddings` when there is no adapter.
-            path = member_path(bundle_dir, manifest.bundles[names.VISION_ENCODER])
-            model_type = lb.TfLiteModelType.VISION_ENCODER
-            builder.add_tflite_model(str(path), model_type)
-            planned.append((names.VISION_ENCODER, model_type.value, path))
         tokenizer_path = member_path(bundle_dir, tokenizer)
         builder.add_sentencepiece_tokenizer(str(tokenizer_path))
         planned.append((names.TOKENIZER, None, tokenizer_path))

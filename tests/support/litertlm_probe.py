@@ -27,9 +27,7 @@ def main() -> None:
     new_tokens = spec.get("max_new_tokens", 8)
     out = {"raw": [], "score": [], "chat": [], "image": []}
     media = {"vision_backend": litert_lm.Backend.CPU(thread_count=2)} if spec.get("image") else {}
-    engine = litert_lm.Engine(path, backend=litert_lm.Backend.CPU(thread_count=2), cache_dir=":nocache", **media,
-                              **({"activation_data_type": litert_lm.ActivationDataType[spec["activations"]]}
-                                 if spec.get("activations") else {}))
+    engine = litert_lm.Engine(path, backend=litert_lm.Backend.CPU(thread_count=2), cache_dir=":nocache", **media)
     try:
         for prompt in spec.get("raw", []):
             session = engine.create_session(apply_prompt_template=False, sampler_config=greedy,
