@@ -37,6 +37,10 @@ class ExportError(G3nError):
     """Conversion to LiteRT failed or produced a model that does not match PyTorch."""
 
 
+class MatformerError(G3nError):
+    """A MatFormer configuration that is malformed or does not slice the given model."""
+
+
 class QualityError(G3nError):
     """Quantized bundles scored below their quality thresholds and --strict was given."""
 

@@ -155,6 +155,29 @@ class Source:
 
 
 @dataclass
+class MatformerEntry:
+    """The MatFormer Mix-n-Match configuration the model was sliced to (converter/matformer.py)."""
+
+    name: str
+    published: bool  # one of the 16 published configurations of E4B, or a custom one
+    source_layers: int  # the layer count of the model it was sliced from
+    layers_kept: int
+    layers_skipped: tuple[int, ...]  # indices in the source model
+    ffn_hidden_dims: tuple[int, ...]  # one per kept layer
+    effective_parameters: int
+
+    def __post_init__(self):
+        _check_int(self.source_layers, 1, 1024, "source_layers")
+        _check(len(self.ffn_hidden_dims) == self.layers_kept, "ffn_hidden_dims needs one width per kept layer")
+        _check(self.layers_kept + len(self.layers_skipped) == self.source_layers,
+               "layers_kept and layers_skipped do not add up to source_layers")
+        for layer in self.layers_skipped:
+            _check_int(layer, 0, self.source_layers - 1, "a skipped layer")
+        for width in self.ffn_hidden_dims:
+            _check_int(width, 1, MAX_DIM, "an FFN width")
+
+
+@dataclass
 class Mask:
     attend: float
     blocked: float
@@ -175,6 +198,7 @@ class Manifest:
     bundles: dict[str, BundleEntry]
     encoders: dict[str, EncoderEntry]
     files: dict[str, FileEntry]  # plain files: the tokenizer
+    matformer: MatformerEntry | None = _optional()  # set when the model is a MatFormer slice
     quality: dict | None = _optional()  # the quantization quality report
     conversion_seconds: float | None = _optional()
 

@@ -25,6 +25,9 @@ Examples:
   g3n-convert --variant e2b --random-weights --out ./e2b-random
   g3n-convert --checkpoint ./gemma-3n-E2B-it --quant int4 --format litertlm --out ./e2b
   g3n-convert pack ./e2b-int4 --out ./e2b-int4.litertlm
+  g3n-convert matformer list
+  g3n-convert --checkpoint ./gemma-3n-E4B-it --matformer e2.98b-block-level --quant int4 --out ./e2.98b
+  g3n-convert slice --checkpoint ./gemma-3n-E4B-it --matformer official-e2b-model --out ./gemma-3n-E2B-sliced
   g3n-convert verify ./e2b-bundle
   g3n-convert verify ./e2b-int4.litertlm
 """
@@ -146,13 +149,14 @@ class _StageDisplay:
 @click.option("--cache-length", type=click.IntRange(min=2), default=1024, show_default=True, help="KV cache length: the longest context the bundle can hold.")
 @click.option("--tokenizer", type=click.Path(path_type=Path), default=None, help="SentencePiece tokenizer.model to bundle (default: the checkpoint's).")
 @click.option("--bundles", default=None, callback=_parse_bundles, help="Comma-separated bundles to build, from embedder, ple, text_core, vision_encoder, audio_encoder  [default: all the checkpoint has]")
+@click.option("--matformer", default=None, metavar="NAME_OR_FILE", help="Slice E4B to a MatFormer Mix-n-Match size on the fly: a published name (g3n-convert matformer list) or a JSON file with ffn_hidden_dims and layers_skipped.")
 @click.option("--format", "out_format", type=click.Choice(["folder", "litertlm", "both"]), default="folder", show_default=True, help="folder: loose .tflite bundles and manifest.json; litertlm: one <out>/<name>.litertlm for LiteRT-LM (text and vision; no audio yet); both.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON instead of a summary.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 @click.option("-v", "--verbose", is_flag=True, help="Also show litert-torch's own conversion log.")
 @click.pass_context
 def main(ctx, checkpoint, random_weights, seed, variant, quant, block_size, quant_text, quant_embed, quant_ple,
-         quant_vision, quant_audio, strict, skip_quality, out, prefill_lengths, cache_length, tokenizer, bundles, out_format, as_json, quiet, verbose):
+         quant_vision, quant_audio, strict, skip_quality, out, prefill_lengths, cache_length, tokenizer, bundles, matformer, out_format, as_json, quiet, verbose):
     """Compile a Gemma 3n checkpoint into LiteRT bundles for phones.
 
     Writes text_core.tflite (prefill_<N> / decode signatures with an explicit KV cache),
@@ -170,6 +174,13 @@ def main(ctx, checkpoint, random_weights, seed, variant, quant, block_size, quan
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     signal.signal(signal.SIGINT, _raise_keyboard_interrupt)
     name = variant or ("e2b" if checkpoint is None else Path(checkpoint).name)
+    if matformer is not None:
+        from converter.matformer import load_matformer
+
+        try:
+            name = f"{name}-{load_matformer(matformer).name}"
+        except G3nError as exc:
+            _fail(str(exc))
     out = out or Path(f"g3n-{name}")
     folder = out
     if out_format == "litertlm":  # the bundles are built in a hidden folder and packed
@@ -199,6 +210,7 @@ def main(ctx, checkpoint, random_weights, seed, variant, quant, block_size, quan
         cache_length=cache_length,
         tokenizer=tokenizer,
         bundles=bundles,
+        matformer=matformer,
     )
     display = _StageDisplay(quiet=quiet or as_json)
     ok = False
@@ -308,6 +320,74 @@ def pack(folder, out):
     except G3nError as exc:
         _fail(str(exc))
     click.echo(f"{written} ({written.stat().st_size / 1e6:,.2f} MB). Check it any time with: g3n-convert verify {written}")
+
+
+@main.group()
+def matformer():
+    """MatFormer Mix-n-Match: the smaller models nested inside E4B."""
+
+
+@matformer.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
+def matformer_list(as_json):
+    """The 16 published configurations of E4B (Google's gemma3n-slicing-configs table): layers
+    kept and skipped, effective parameters as g3n counts them (next to the published figure),
+    pre-trained MMLU and the int4 folder's estimated size (weights; every bundle, encoders included).
+
+    Pass a name to --matformer, or write your own JSON file:
+    {"ffn_hidden_dims": [one width per kept layer], "layers_skipped": [layer indices]}.
+    """
+    with native_stderr_to_devnull():
+        from converter.matformer import layer_ranges, published_table
+
+        rows = published_table()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    # Plain columns: the names must show whole, and rich would fold them at 80 columns.
+    click.echo(f"{'name':<20} {'layers':>6}  {'skipped':<8} {'FFN 8192/16384':>14}  {'effective (g3n)':>15}  "
+               f"{'published':>9}  {'MMLU PT':>7}  {'int4 folder':>11}")
+    for row in rows:
+        widths = row["ffn_hidden_dims"]
+        click.echo(f"{row['name']:<20} {row['layers_kept']:>6}  {layer_ranges(row['layers_skipped']) or '-':<8} "
+                   f"{f'{widths.count(8192)}/{widths.count(16384)}':>14}  {row['effective_parameters'] / 1e9:>13.3f} B  "
+                   f"{row['published_effective_b']:>7.2f} B  {row['mmlu_pt_percent']:>6.1f}%  "
+                   f"{row['estimated_int4_folder_bytes'] / 1e9:>8.2f} GB")
+    click.echo("effective: the text decoder without its embedding tables (embed_tokens, PLE) or encoders; "
+               "int4 folder: estimated weight bytes of every bundle, encoders included")
+
+
+@main.command("slice")
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="The Hugging Face Gemma 3n folder to slice (E4B for the published configurations).")
+@click.option("--matformer", required=True, metavar="NAME_OR_FILE", help="A published name (g3n-convert matformer list) or a JSON file with ffn_hidden_dims and layers_skipped.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="The folder to write (new or empty).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def slice_command(checkpoint, matformer, out, quiet):
+    """Write a MatFormer slice as a Hugging Face checkpoint (safetensors shards + index,
+    config.json, the tokenizer files) that transformers loads as a smaller Gemma 3n.
+
+    Streamed a block of rows at a time: the source is never held in memory. The folder appears
+    under its name only when it is complete.
+    """
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+
+    with native_stderr_to_devnull():
+        from converter.hf_slice import slice_checkpoint
+    progress = Progress("slicing", BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+                        disable=quiet, transient=True)
+    task = progress.add_task("slice", total=None)
+    try:
+        with progress:
+            summary = slice_checkpoint(checkpoint, matformer, out,
+                                       on_progress=lambda done, total: progress.update(task, completed=done, total=total))
+    except G3nError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        _fail("interrupted; nothing was left under the output name", 130)
+    mf = summary["matformer"]
+    click.echo(f"{out}: {mf['name']}, {mf['layers_kept']} of {mf['source_layers']} layers, "
+               f"{mf['effective_parameters'] / 1e9:.3f} B effective parameters; {summary['tensors']} tensors, "
+               f"{summary['bytes'] / 1e9:.2f} GB in {len(summary['shards'])} shard(s)")
 
 
 if __name__ == "__main__":

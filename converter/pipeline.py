@@ -23,11 +23,12 @@ from pathlib import Path
 from bundle import names
 from bundle.errors import CheckpointError, G3nError, QualityError
 from bundle.files import atomic_path, folder_lock
-from bundle.manifest import BundleEntry, Manifest, Mask, Source, file_entry, prepare_output_dir, write_manifest
+from bundle.manifest import BundleEntry, Manifest, Mask, MatformerEntry, Source, file_entry, prepare_output_dir, write_manifest
 from converter import __version__
 from converter.checkpoint import RandomWeights, SafetensorsCheckpoint, expected_shapes
 from converter.config import VARIANTS, EncoderConfig, TextConfig, encoder_configs_from_hf, load_hf_config, variant_config, variant_encoders
 from converter.export import build_module, convert_to_tflite, encoder_bundle_plan, encoder_manifest, text_bundle_plans
+from converter.matformer import MatformerSlice, SlicedWeights, load_matformer
 from converter.standins import materialize_with_standins
 from quant.recipes import BLOCK_SIZES, SCHEMES, bundle_scheme, plan_quantization
 from quant.streaming import write_bundle
@@ -51,6 +52,7 @@ class ConvertOptions:
     cache_length: int = 1024
     tokenizer: Path | None = None
     bundles: tuple[str, ...] | None = None  # None: every bundle the model has (no encoders for text-only checkpoints)
+    matformer: str | None = None  # a MatFormer configuration to slice to on the fly: a published name or a JSON file
 
 
 def resolve_config(opts: ConvertOptions) -> tuple[TextConfig, Path | None]:
@@ -155,11 +157,16 @@ def convert(opts: ConvertOptions, on_stage: Callable[[str], None] = lambda s: No
     encoders = resolve_encoders(cfg, checkpoint_dir)
     wanted = choose_bundles(opts, encoders)
     encoders = {m: e for m, e in encoders.items() if e.bundle in wanted}
+    matformer = MatformerSlice(cfg, load_matformer(opts.matformer)) if opts.matformer else None
     shapes = expected_shapes(cfg, encoders.values())
     if checkpoint_dir is not None:
         source = SafetensorsCheckpoint(checkpoint_dir, cfg, shapes)
     else:
         source = RandomWeights(cfg, opts.seed, shapes)
+    if matformer is not None:  # the full model's weights, read as the slice's (no sliced copy anywhere)
+        source = SlicedWeights(source, matformer)
+        cfg = matformer.cfg.replace(name=f"{cfg.name}-{matformer.mf.name}")
+        shapes = expected_shapes(cfg, encoders.values())
     tokenizer = find_tokenizer(opts, checkpoint_dir)
     if tokenizer is not None:
         check_tokenizer(tokenizer, cfg)
@@ -235,6 +242,7 @@ def convert(opts: ConvertOptions, on_stage: Callable[[str], None] = lambda s: No
                 bundles=bundles,
                 encoders={m: encoder_manifest(e) for m, e in encoders.items()},
                 files=files,
+                matformer=MatformerEntry(**matformer.to_manifest()) if matformer is not None else None,
             )
             if (float_files or unscored) and opts.quality_report:
                 from converter.quality import quality_report

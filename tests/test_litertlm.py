@@ -21,6 +21,7 @@ from converter.cli import main as convert_main
 from converter.pack import pack
 from runtime.chat import Tokenizer
 from tests.conftest import TINY_CACHE, TINY_PREFILL
+from tests.support.tiny_checkpoint import vary_final_norm
 
 ROOT = Path(__file__).resolve().parents[1]
 NEW_TOKENS = 12
@@ -55,17 +56,10 @@ def hf_log_probs(model, prompt_ids: list[int], target_ids: list[int]) -> np.ndar
 
 @pytest.fixture(scope="module")
 def varied_checkpoint(tiny_text_checkpoint, tmp_path_factory) -> Path:
-    """The tiny text checkpoint with a random final norm. With tied embeddings a tiny random model
-    greedily repeats its last token, which a broken KV cache would not change; a random final
-    norm makes it say varied tokens, so greedy text tests every step of the cache."""
-    from safetensors.numpy import load_file, save_file
-
+    """The tiny text checkpoint with a random final norm, so that greedy replies are not echoes."""
     out = tmp_path_factory.mktemp("varied") / "tiny-varied"
     shutil.copytree(tiny_text_checkpoint, out)
-    weights = load_file(out / "model.safetensors")
-    weights["model.norm.weight"] = np.random.default_rng(0).normal(0, 3, weights["model.norm.weight"].shape).astype(np.float32)
-    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
-    return out
+    return vary_final_norm(out)
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +202,6 @@ def image_case(tiny_mm_checkpoint, tmp_path_factory):
     """The tiny multimodal checkpoint with a random final norm (see varied_checkpoint), converted
     with its vision encoder and packed; its transformers model; two pictures."""
     from PIL import Image
-    from safetensors.numpy import load_file, save_file
     from transformers import Gemma3nForConditionalGeneration
 
     from converter.pipeline import ConvertOptions, convert
@@ -216,10 +209,7 @@ def image_case(tiny_mm_checkpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("image")
     checkpoint = root / "tiny-mm-varied"
     shutil.copytree(tiny_mm_checkpoint, checkpoint)
-    weights = load_file(checkpoint / "model.safetensors")
-    key = "model.language_model.norm.weight"
-    weights[key] = np.random.default_rng(0).normal(0, 3, weights[key].shape).astype(np.float32)
-    save_file(weights, checkpoint / "model.safetensors", metadata={"format": "pt"})
+    vary_final_norm(checkpoint)
     folder = root / "bundle"
     convert(ConvertOptions(out=folder, checkpoint=checkpoint, prefill_lengths=TINY_PREFILL, cache_length=TINY_CACHE,
                            bundles=("embedder", "ple", "text_core", "vision_encoder"), quality_report=False))

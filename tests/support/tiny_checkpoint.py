@@ -6,7 +6,7 @@ checkpoint: a real `Gemma3nForConditionalGeneration` (tiny MobileNet-V5 and USM 
 tokenizer trained on the spot with the Gemma special tokens at their usual names. A test and dev
 helper: nothing in the product imports it.
 
-    python -m tests.support.tiny_checkpoint OUT_DIR [--text-only] [--seed N]
+    python -m tests.support.tiny_checkpoint OUT_DIR [--text-only] [--seed N] [--e4b-shaped]
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from converter.checkpoint import RESIDUAL_BRANCH_GAIN, RESIDUAL_BRANCH_NORMS
-from converter.config import (TINY_MODALITY_VOCAB, TINY_START_OF_AUDIO, TINY_START_OF_IMAGE, TextConfig,
-                              text_config_to_hf, tiny_config, tiny_multimodal_hf_config)
+from converter.config import (FULL, SLIDING, TINY_MODALITY_VOCAB, TINY_START_OF_AUDIO, TINY_START_OF_IMAGE,
+                              TextConfig, text_config_to_hf, tiny_config, tiny_multimodal_hf_config)
 
 TEXT_VOCAB = 512  # trained pieces; multimodal ids follow, as in the real 262144 + 128 + 128 layout
 MODALITY_VOCAB = TINY_MODALITY_VOCAB
@@ -31,6 +31,20 @@ MULTIMODAL_PIECES = (
     + ["<end_of_audio>", "<audio_soft_token>"]
     + [f"<unused_audio_{i}>" for i in range(MODALITY_VOCAB - 2)]
 )
+
+
+def tiny_e4b_config() -> TextConfig:
+    """E4B's structure in miniature, for MatFormer slicing: blocks of two layers (sliding, full)
+    stand for E4B's blocks of five, the last 4 of 8 layers are KV-shared (E4B: 15 of 35), so layers
+    2 and 3 hold the caches the shared ones read (E4B: 18 and 19); per-layer FFN widths; activation
+    sparsity on the first two layers (E4B: ten)."""
+    return tiny_config().replace(
+        name="tiny-e4b",
+        intermediate_sizes=(128, 128, 96, 128, 128, 128, 96, 128),
+        layer_types=(SLIDING, FULL) * 4,
+        activation_sparsity=(0.95, 0.95) + (0.0,) * 6,
+        num_kv_shared_layers=4,
+    )
 
 
 MAX_POSITIONS = 4096  # config.json's max_position_embeddings (the RoPE tables are computed, not stored)
@@ -117,13 +131,30 @@ def build_tiny_checkpoint(out: Path, text_only: bool = False, seed: int = 0, cfg
     return out
 
 
+def vary_final_norm(folder: Path, seed: int = 0) -> Path:
+    """Give the checkpoint in `folder` a random final norm, in place. With tied embeddings a tiny
+    random model greedily repeats its last token, which a broken KV cache would not change; a
+    random final norm makes it say varied tokens, so greedy text tests every step of the cache."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    path = Path(folder) / "model.safetensors"
+    weights = load_file(path)
+    (name,) = [k for k in ("model.norm.weight", "model.language_model.norm.weight") if k in weights]
+    weights[name] = np.random.default_rng(seed).normal(0, 3, weights[name].shape).astype(np.float32)
+    save_file(weights, path, metadata={"format": "pt"})
+    return Path(folder)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--text-only", action="store_true", help="save a Gemma3nForCausalLM instead")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--e4b-shaped", action="store_true", help="E4B's layer structure in miniature (MatFormer slicing)")
     args = parser.parse_args(argv)
-    path = build_tiny_checkpoint(args.out, text_only=args.text_only, seed=args.seed)
+    path = build_tiny_checkpoint(args.out, text_only=args.text_only, seed=args.seed,
+                                 cfg=tiny_e4b_config() if args.e4b_shaped else None)
     print(f"tiny Gemma 3n checkpoint written to {path}")
 
 
