@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO   := out/demo
 
-.PHONY: setup test fuzz demo artifacts bench clean
+.PHONY: setup adb test fuzz demo artifacts bench clean
 
 setup: $(STAMP)
 
@@ -14,7 +14,21 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e ".[dev]"
+	@$(MAKE) --no-print-directory adb
 	touch $(STAMP)
+
+# g3n-push drives the platform's adb client: install Debian's where it is missing and we may.
+adb:
+	@if command -v adb >/dev/null 2>&1; then \
+	  echo "adb: $$(command -v adb)"; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q adb >/dev/null \
+	  || (apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q adb >/dev/null); \
+	  command -v adb >/dev/null && echo "adb: installed $$(command -v adb)" || echo "adb: apt-get could not install it"; \
+	else \
+	  echo "adb: not found and cannot install it here (needs root and apt); install Android's platform-tools" \
+	       "(Debian / Ubuntu: sudo apt install adb) for g3n-push and its tests"; \
+	fi
 
 # The tiny bundle folder the tests convert is kept under artifacts/ (CI publishes it).
 test: setup
@@ -44,6 +58,7 @@ artifacts: setup
 bench: setup
 	$(BIN)/pip install --quiet -e ".[dev,bench]"
 	$(BIN)/python bench/run.py --out docs/BENCHMARKS.md
+	$(BIN)/python bench/matformer.py --out docs/MATFORMER.md
 
 clean:
 	rm -rf out artifacts .pytest_cache

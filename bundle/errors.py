@@ -41,6 +41,10 @@ class MatformerError(G3nError):
     """A MatFormer configuration that is malformed or does not slice the given model."""
 
 
+class DeviceError(G3nError):
+    """An Android device is missing, not ready, full, or lost while the harness worked on it."""
+
+
 class QualityError(G3nError):
     """Quantized bundles scored below their quality thresholds and --strict was given."""
 

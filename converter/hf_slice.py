@@ -116,11 +116,14 @@ def shard(tensors: list[OutputTensor], limit: int) -> list[list[OutputTensor]]:
     return shards
 
 
-def _header(tensors: list[OutputTensor]) -> bytes:
+def safetensors_header(entries: list[tuple[str, str, tuple[int, ...]]]) -> bytes:
+    """The header of a safetensors file holding (name, dtype, shape) entries, in that order; the
+    tensors' bytes follow it back to back."""
     header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for t in tensors:
-        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
-        offset += t.nbytes
+    for name, dtype, shape in entries:
+        nbytes = math.prod(shape) * DTYPE_BYTES[dtype]
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
     data = json.dumps(header, separators=(",", ":")).encode()
     data += b" " * (-len(data) % 8)  # the data that follows starts 8-byte aligned
     return len(data).to_bytes(8, "little") + data
@@ -184,7 +187,7 @@ def slice_checkpoint(source: Path, matformer: str | Path, out: Path, shard_bytes
         weight_map = {}
         for file, group in zip(files, shards):
             with open(work / file, "wb") as fh:
-                fh.write(_header(group))
+                fh.write(safetensors_header([(t.name, t.dtype, t.shape) for t in group]))
                 for t in group:
                     _stream(t, fh, advance)
                     weight_map[t.name] = file

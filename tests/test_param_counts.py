@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from converter.config import variant_config
+from converter.matformer import effective_parameters
 from converter.model import Gemma3nText
 
 
@@ -31,6 +32,7 @@ def test_published_split(variant, published_core_b, ple, shared_layers):
     unused_kv = shared_layers * (2 * cfg.hidden_size * cfg.num_kv_heads * cfg.head_dim + cfg.head_dim)
     assert sum(cfg.is_kv_shared(i) for i in range(cfg.num_layers)) == shared_layers
     assert round((core + unused_kv) / 1e9, 2) == published_core_b
+    assert effective_parameters(cfg) == core + unused_kv  # what g3n-convert matformer list reports
     shared = range(cfg.first_kv_shared_layer, cfg.num_layers)
     assert not any(hasattr(model.decoder.layers[i].self_attn, "k_proj") for i in shared)
 
