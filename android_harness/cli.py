@@ -40,6 +40,15 @@ def _fail(message: str, code: int = 1):
     sys.exit(code)
 
 
+def _source(source: Path, dest: str | None):
+    """The checked source and its folder on the device."""
+    try:
+        src = read_source(source)
+    except G3nError as exc:
+        _fail(str(exc))
+    return src, (dest or default_dest(src)).rstrip("/")
+
+
 def _adb(adb_path: str | None) -> Adb:
     try:
         return Adb(adb_path)
@@ -73,11 +82,7 @@ def push(source, serial, dest, adb_path, all_devices, as_json):
     """Push SOURCE (a bundle folder or a .litertlm) to a device (the default command)."""
     if all_devices and serial:
         _fail("give either --serial or --all, not both")
-    try:
-        src = read_source(source)
-    except G3nError as exc:
-        _fail(str(exc))
-    dest = (dest or default_dest(src)).rstrip("/")
+    src, dest = _source(source, dest)
     with _adb(adb_path) as adb:
         try:
             devices = adb.devices()
@@ -138,11 +143,7 @@ def _push_all(adb: Adb, targets: list[Device], src, dest: str, quiet: bool) -> l
 @ADB_OPTION
 def verify(source, serial, dest, adb_path):
     """Re-hash every file of SOURCE on the device against its manifest."""
-    try:
-        src = read_source(source)
-    except G3nError as exc:
-        _fail(str(exc))
-    dest = (dest or default_dest(src)).rstrip("/")
+    src, dest = _source(source, dest)
     with _adb(adb_path) as adb:
         try:
             device = choose_device(adb.devices(), serial)
@@ -170,13 +171,9 @@ SPEED = re.compile(r"(Prefill|Decode) Speed:\s*([0-9.]+)\s*tokens/sec")
 @ADB_OPTION
 def run(source, prompt, runner, backend, serial, dest, adb_path):
     """Run PROMPT on the device with LiteRT-LM's runner, on the pushed .litertlm; print its reply and speed."""
-    try:
-        src = read_source(source)
-    except G3nError as exc:
-        _fail(str(exc))
+    src, dest = _source(source, dest)
     if src.kind != "litertlm":
         _fail(f"LiteRT-LM's runner takes a .litertlm; pack the folder (g3n-convert pack {source}) and push that")
-    dest = (dest or default_dest(src)).rstrip("/")
     runner = runner or f"{dest}/litert_lm_main"
     model = f"{dest}/{src.files[0].name}"
     with _adb(adb_path) as adb:
