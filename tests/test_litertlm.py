@@ -86,8 +86,11 @@ def text_file(text_bundle, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def mm_file(tiny_bundle, tmp_path_factory) -> Path:
-    """The multimodal checkpoint's folder (all five bundles), packed."""
-    return pack(tiny_bundle, tmp_path_factory.mktemp("litertlm") / "mm.litertlm")
+    """The multimodal checkpoint's folder (all five bundles), packed; kept next to the folder in
+    G3N_ARTIFACTS (CI publishes both)."""
+    artifacts = os.environ.get("G3N_ARTIFACTS")
+    out = Path(artifacts) / "tiny.litertlm" if artifacts else tmp_path_factory.mktemp("litertlm") / "mm.litertlm"
+    return pack(tiny_bundle, out)
 
 
 # --- the file and its manifest ------------------------------------------------------------------
