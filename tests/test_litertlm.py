@@ -252,6 +252,17 @@ def test_litertlm_image_prompt_matches_transformers(image_case):
     assert got == expected
 
 
+def test_int4_litertlm_follows_the_float_file(mm_file, tiny_int4_bundle, tmp_path):
+    """The int4 text bundles, packed, through LiteRT-LM: greedy text equal to the float file's for
+    INT4_GREEDY_FOLLOWS (20) tokens on each prompt, the bar g3n-run's int4 bundles meet."""
+    from converter.quality import PROMPTS
+    from tests.test_quantization import INT4_GREEDY_FOLLOWS
+
+    int4_file = pack(tiny_int4_bundle, tmp_path / "int4.litertlm")
+    spec = dict(raw=list(PROMPTS), max_new_tokens=INT4_GREEDY_FOLLOWS)
+    assert litertlm(int4_file, **spec)["raw"] == litertlm(mm_file, **spec)["raw"]
+
+
 @pytest.mark.xfail(strict=True, reason=(
     "LiteRT-LM 0.18.1's teacher-forced log-probabilities (Session.run_text_scoring) differ from "
     "transformers' by up to 1.35 nats on this file (0.64 on the unvaried tiny model; g3n-run on the "
