@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +30,11 @@ NEW_TOKENS = 12
 
 def litertlm(path: Path, **spec) -> dict:
     """LiteRT-LM's answers for `spec` (tests/support/litertlm_probe.py), in its own process."""
-    spec_file = Path(path).with_suffix(".spec.json")
-    spec_file.write_text(json.dumps({"max_new_tokens": NEW_TOKENS, **spec}))
-    done = subprocess.run([sys.executable, "-m", "tests.support.litertlm_probe", str(path), str(spec_file)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as spec_file:
+        spec_file.write(json.dumps({"max_new_tokens": NEW_TOKENS, **spec}))
+        spec_file.flush()
+        done = subprocess.run([sys.executable, "-m", "tests.support.litertlm_probe", str(path), spec_file.name],
+                              capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
