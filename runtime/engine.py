@@ -34,6 +34,7 @@ from bundle import names
 from bundle.errors import BundleError
 from bundle.manifest import Manifest, open_bundle
 from bundle.native_logs import quiet_native_logs
+from runtime.pages import release_file_pages
 from runtime.weight_cache import WeightCache
 
 LOAD_ORDER = (names.TEXT_CORE, names.EMBEDDER, names.PLE)  # the text bundles, in the order they load
@@ -208,6 +209,8 @@ class TextEngine:
         with litert_errors(f"{paths[names.EMBEDDER]} or {paths[names.PLE]}"):
             self._lookups = {n: lookups(n) for n in self.prefill_lengths}
             self._lookups[1] = lookups(None)
+        for path in paths.values():  # loading read every page; from here on only what runs stays resident
+            release_file_pages(path)
         self.reset()
 
     def reset(self) -> None:

@@ -262,3 +262,49 @@ def test_cli_media_errors(tiny_bundle, tiny_int4_bundle, tmp_path):
 def test_cli_prompt_longer_than_context(tiny_bundle):
     result = run_cli(tiny_bundle, "--prompt", "word " * 400, "--raw")
     assert result.exit_code != 0 and "cache positions are free" in result.stderr
+
+
+def _resident(path) -> int:
+    """This process's resident bytes of `path`'s mappings (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        fields = line.split()
+        if len(fields) >= 5 and "-" in fields[0] and not fields[0].endswith(":"):
+            inside = line.rstrip().endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(fields[1]) * 1024
+    return total
+
+
+def test_released_model_pages_leave_the_process_and_read_back_the_same(tmp_path):
+    """After a load has read a model file through, its pages are given back (runtime/pages.py);
+    a later read faults in what it needs, with the same bytes. A writable mapping is never touched."""
+    import mmap
+    import os
+
+    from runtime.pages import release_file_pages
+
+    path = tmp_path / "table.bin"
+    data = os.urandom(8 << 20)
+    path.write_bytes(data)
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as view:
+        assert view[:] == data  # every page read
+        assert _resident(path) >= 7 << 20
+        assert release_file_pages(path) >= len(data)
+        assert _resident(path) < 1 << 20
+        assert view[5_000_000:5_000_100] == data[5_000_000:5_000_100]
+
+    written = tmp_path / "written.bin"
+    written.write_bytes(data)
+    with open(written, "r+b") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) as view:
+        view[:4] = b"g3n!"  # a private change that exists only in this mapping's pages
+        assert release_file_pages(written) == 0
+        assert view[:4] == b"g3n!"
+
+
+def test_a_session_keeps_only_what_runs_resident(tiny_bundle):
+    """Loading reads the text core through; afterwards its file pages are given back."""
+    session = Session(tiny_bundle)
+    session.generate("Hello", raw=True, max_new_tokens=2)
+    core = tiny_bundle / "text_core.tflite"
+    assert _resident(core) < core.stat().st_size // 8  # measured: 3% (64 kB of 2.2 MB); 52% without
