@@ -86,9 +86,7 @@ def push(source, serial, dest, adb_path, all_devices, as_json):
     with _adb(adb_path) as adb:
         try:
             devices = adb.devices()
-            targets = devices if all_devices else [choose_device(devices, serial)]
-            if all_devices and not devices:
-                choose_device(devices, None)  # the no-device error
+            targets = devices if all_devices and devices else [choose_device(devices, serial)]
         except G3nError as exc:
             _fail(str(exc))
         results = _push_all(adb, targets, src, dest, as_json)

@@ -125,9 +125,9 @@ class MatformerSlice:
 
     def __init__(self, full: TextConfig, mf: MatformerConfig):
         self.full, self.mf = full, mf
-        self._validate()
         skipped = set(mf.layers_skipped)
         self.kept = tuple(i for i in range(full.num_layers) if i not in skipped)  # new index -> old index
+        self._validate()
         shared_skipped = sum(1 for i in skipped if full.is_kv_shared(i))
         try:
             self.cfg = full.replace(
@@ -142,7 +142,7 @@ class MatformerSlice:
     def _validate(self) -> None:
         full, mf, n = self.full, self.mf, self.full.num_layers
         if mf.published and (n != mf.num_layers or any(w > full.intermediate_sizes[i] for i, w in
-                                                          zip(self._kept_guess(), mf.ffn_hidden_dims))):
+                                                          zip(self.kept, mf.ffn_hidden_dims))):
             e4b = variant_config(PUBLISHED_SOURCE)
             raise MatformerError(
                 f"{mf.name!r} is a published configuration of E4B ({e4b.num_layers} layers, FFN {e4b.intermediate_sizes[0]}); "
@@ -164,14 +164,10 @@ class MatformerSlice:
             kind = sources[layer].replace("_attention", "-attention")
             raise MatformerError(f"layer {layer} cannot be skipped: it holds the {kind} KV cache that the "
                                  f"KV-shared layers {layer_ranges(readers)} read")
-        for new, (old, width) in enumerate(zip(self._kept_guess(), mf.ffn_hidden_dims)):
+        for new, (old, width) in enumerate(zip(self.kept, mf.ffn_hidden_dims)):
             if not 1 <= width <= full.intermediate_sizes[old]:
                 raise MatformerError(f"ffn_hidden_dims[{new}] is {width}: layer {old}'s FFN has "
                                      f"{full.intermediate_sizes[old]} units, so a width must be 1-{full.intermediate_sizes[old]}")
-
-    def _kept_guess(self) -> list[int]:
-        skipped = set(self.mf.layers_skipped)
-        return [i for i in range(self.full.num_layers) if i not in skipped]
 
     # ---- where each sliced tensor comes from ----------------------------------------------
     def ple_columns(self) -> list[tuple[int, int]]:
