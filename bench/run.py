@@ -433,6 +433,8 @@ def main() -> None:
     lines = [
         "# Benchmarks",
         "",
+        "MatFormer configurations of E4B (sizes, speed, memory next to MMLU) are in [MATFORMER.md](MATFORMER.md).",
+        "",
         "Produced by `make bench` (bench/run.py). Numbers are from the machine and date below; re-run to refresh.",
         "",
         "## Conversion: wall time, peak RSS and size per bundle",
