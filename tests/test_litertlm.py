@@ -269,7 +269,7 @@ def test_int4_litertlm_follows_the_float_file(mm_file, tiny_int4_bundle, tmp_pat
     "LiteRT-LM 0.18.1's teacher-forced log-probabilities (Session.run_text_scoring) differ from "
     "transformers' by up to 1.35 nats on this file (0.64 on the unvaried tiny model; g3n-run on the "
     "same folder: within 1e-4), while its greedy text over varied tokens agrees. Not a second softcap, a temperature, the start token, the mask's extent or the "
-    "activation type (FLOAT32 gives the same numbers): open in the .litertlm issue."))
+    "activation type (FLOAT32 gives the same numbers); the cause is not found yet."))
 def test_litertlm_log_probs_match_transformers(text_file, text_bundle, text_model):
     # Every position of prompt and target goes through the KV cache, so a wrong cache, mask or
     # position shows here even when the tiny model's greedy text (it repeats the last token) agrees.
