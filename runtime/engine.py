@@ -160,11 +160,16 @@ class EncoderEngine:
         self.path = path
         with litert_errors(path):
             self.runner = open_interpreter(path, num_threads).get_signature_runner(signature)
+        self.packed = False
         self.load_seconds = time.perf_counter() - started
 
     def __call__(self, **inputs) -> dict[str, np.ndarray]:
         with quiet_native_logs(), litert_errors(self.path):  # the first run sets up XNNPACK, loudly
-            return self.runner(**inputs)
+            out = self.runner(**inputs)
+        if not self.packed:  # XNNPACK packed the weights on that first run: the file's pages are read through
+            self.packed = True
+            release_file_pages(self.path)
+        return out
 
 
 class TextEngine:
