@@ -44,26 +44,18 @@ def write_random_e4b(folder: Path, shard_bytes: int = 4 << 30) -> int:
     from transformers import Gemma3nForCausalLM, Gemma3nTextConfig
 
     from converter.config import text_config_to_hf, variant_config
-    from converter.hf_slice import BLOCK_BYTES, INDEX_FILE, safetensors_header
+    from converter.hf_slice import BLOCK_BYTES, INDEX_FILE, safetensors_header, shard, shard_files
 
     cfg = variant_config("e4b")
     hf = Gemma3nTextConfig(**text_config_to_hf(cfg))
     with torch.device("meta"):
         model = Gemma3nForCausalLM(hf)
     entries = [(n, "BF16", tuple(p.shape)) for n, p in model.state_dict().items() if n != "lm_head.weight"]
-    shards, size = [[]], 0
-    for e in entries:
-        nbytes = 2 * math.prod(e[2])
-        if shards[-1] and size + nbytes > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(e)
-        size += nbytes
+    shards = shard(entries, lambda e: 2 * math.prod(e[2]), shard_bytes)
     folder.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(0)
     weight_map, total = {}, 0
-    for i, group in enumerate(shards):
-        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+    for file, group in zip(shard_files(len(shards)), shards):
         with open(folder / file, "wb") as fh:
             fh.write(safetensors_header(group))
             for name, _, shape in group:

@@ -105,15 +105,21 @@ def _natural(name: str) -> list:
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
 
-def shard(tensors: list[OutputTensor], limit: int) -> list[list[OutputTensor]]:
+def shard(items: list, nbytes: Callable[[object], int], limit: int) -> list[list]:
+    """Items, in order, grouped into shards of at most `limit` bytes (a bigger item alone)."""
     shards, size = [[]], 0
-    for t in tensors:
-        if shards[-1] and size + t.nbytes > limit:
+    for item in items:
+        if shards[-1] and size + nbytes(item) > limit:
             shards.append([])
             size = 0
-        shards[-1].append(t)
-        size += t.nbytes
+        shards[-1].append(item)
+        size += nbytes(item)
     return shards
+
+
+def shard_files(count: int) -> list[str]:
+    """transformers' names for `count` weight files."""
+    return ["model.safetensors"] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
 
 
 def safetensors_header(entries: list[tuple[str, str, tuple[int, ...]]]) -> bytes:
@@ -169,10 +175,9 @@ def slice_checkpoint(source: Path, matformer: str | Path, out: Path, shard_bytes
     checkpoint = SafetensorsCheckpoint(source, full, expected_shapes(full))
     tensors = tensor_plan(checkpoint, plan)
     del checkpoint
-    shards = shard(tensors, shard_bytes)
+    shards = shard(tensors, lambda t: t.nbytes, shard_bytes)
     total = sum(t.nbytes for t in tensors)
-    files = ["model.safetensors"] if len(shards) == 1 else \
-        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    files = shard_files(len(shards))
 
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
