@@ -198,6 +198,9 @@ class Manifest:
     bundles: dict[str, BundleEntry]
     encoders: dict[str, EncoderEntry]
     files: dict[str, FileEntry]  # plain files: the tokenizer
+    # Positions a sliding-window layer's cache holds: a ring (slot = position mod this) when it is
+    # below cache_length; absent when every cache holds cache_length positions.
+    sliding_cache_length: int | None = _optional()
     matformer: MatformerEntry | None = _optional()  # set when the model is a MatFormer slice
     quality: dict | None = _optional()  # the quantization quality report
     conversion_seconds: float | None = _optional()
@@ -207,6 +210,8 @@ class Manifest:
         _check(len(self.prefill_lengths) > 0, "prefill_lengths is empty")
         for n in self.prefill_lengths:
             _check_int(n, 1, self.cache_length, "a prefill length")
+        if self.sliding_cache_length is not None:
+            _check_int(self.sliding_cache_length, max(self.prefill_lengths), self.cache_length - 1, "sliding_cache_length")
         unknown = set(self.bundles) - set(ALL_BUNDLES)
         _check(not unknown, f"unknown bundle(s) {', '.join(sorted(unknown))}")
         for modality, entry in self.encoders.items():

@@ -81,6 +81,8 @@ def kv_cache_names(slots: int) -> list[str]:
 
 
 # Layouts of the cache tensors (manifest "kv_cache_layout"), and the mask's values.
-KV_CACHE_LAYOUT = {"k": "[1, kv_heads, cache_length, head_dim]", "v": "[1, kv_heads, head_dim, cache_length]"}
+KV_CACHE_LAYOUT = {"k": "[1, kv_heads, cache_length, head_dim]", "v": "[1, kv_heads, head_dim, cache_length]",
+                   "sliding": "a sliding-window layer's cache holds sliding_cache_length positions when the manifest "
+                              "gives one: a ring, position p at slot p mod sliding_cache_length"}
 MASK_ATTEND = 0.0
 MASK_BLOCKED = -1e9  # finite, so that fp16 accelerators and softmax never see inf - inf

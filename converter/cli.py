@@ -147,6 +147,7 @@ class _StageDisplay:
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Output folder for the bundles  [default: ./g3n-<variant>]")
 @click.option("--prefill-lengths", default="32,128", show_default=True, callback=_parse_lengths, help="Comma-separated prefill signature lengths (prefill_<N>).")
 @click.option("--cache-length", type=click.IntRange(min=2), default=1024, show_default=True, help="KV cache length: the longest context the bundle can hold.")
+@click.option("--sliding-ring/--no-sliding-ring", default=True, show_default=True, help="Keep each sliding-window layer's KV cache as a ring of window + longest prefill - 1 positions instead of --cache-length (less memory, and those layers attend over the ring only).")
 @click.option("--tokenizer", type=click.Path(path_type=Path), default=None, help="SentencePiece tokenizer.model to bundle (default: the checkpoint's).")
 @click.option("--bundles", default=None, callback=_parse_bundles, help="Comma-separated bundles to build, from embedder, ple, text_core, vision_encoder, audio_encoder  [default: all the checkpoint has]")
 @click.option("--matformer", default=None, metavar="NAME_OR_FILE", help="Slice E4B to a MatFormer Mix-n-Match size on the fly: a published name (g3n-convert matformer list) or a JSON file with ffn_hidden_dims and layers_skipped.")
@@ -156,7 +157,7 @@ class _StageDisplay:
 @click.option("-v", "--verbose", is_flag=True, help="Also show litert-torch's own conversion log.")
 @click.pass_context
 def main(ctx, checkpoint, random_weights, seed, variant, quant, block_size, quant_text, quant_embed, quant_ple,
-         quant_vision, quant_audio, strict, skip_quality, out, prefill_lengths, cache_length, tokenizer, bundles, matformer, out_format, as_json, quiet, verbose):
+         quant_vision, quant_audio, strict, skip_quality, out, prefill_lengths, cache_length, sliding_ring, tokenizer, bundles, matformer, out_format, as_json, quiet, verbose):
     """Compile a Gemma 3n checkpoint into LiteRT bundles for phones.
 
     Writes text_core.tflite (prefill_<N> / decode signatures with an explicit KV cache),
@@ -208,6 +209,7 @@ def main(ctx, checkpoint, random_weights, seed, variant, quant, block_size, quan
         strict=strict,
         prefill_lengths=prefill_lengths,
         cache_length=cache_length,
+        sliding_ring=sliding_ring,
         tokenizer=tokenizer,
         bundles=bundles,
         matformer=matformer,

@@ -2,6 +2,8 @@
 
   text_core.tflite  prefill_<N>: embeddings [1,N,H], per_layer_embeddings [1,N,L,P], input_pos [N] i32,
                                  mask [1,1,N,C], kv_cache_{k,v}_<i>  ->  kv_cache_{k,v}_<i>
+                                 (a sliding layer's cache: a ring of window + max N - 1 slots when
+                                 that is shorter than C)
                     decode:      the same with N = 1            ->  logits [1,1,V], kv_cache_{k,v}_<i>
   embedder.tflite   prefill_embedder_<N> / decode_embedder: token_ids [1,N] i32 -> embeddings [1,N,H]
   ple.tflite        prefill_per_layer_embedder_<N> / decode_per_layer_embedder:
@@ -33,7 +35,7 @@ from bundle.files import atomic_path
 from bundle.manifest import AudioInput, EncoderEntry, ImageInput, Signature, TensorSpec
 from converter.config import IMAGE_SIZE, EncoderConfig, TextConfig
 from converter.encoders import build_encoder, encoder_frames
-from converter.model import PerLayerEmbedder, TextDecoder, TokenEmbedder, empty_kv_cache
+from converter.model import PerLayerEmbedder, TextDecoder, TokenEmbedder, empty_kv_cache, ring_length
 
 
 def _tensor_spec(t: torch.Tensor) -> TensorSpec:
@@ -112,14 +114,14 @@ def encoder_manifest(enc: EncoderConfig) -> EncoderEntry:
                         image=image, audio=audio)
 
 
-def text_core_inputs(cfg: TextConfig, length: int, cache_length: int) -> dict[str, torch.Tensor]:
+def text_core_inputs(cfg: TextConfig, length: int, cache_length: int, ring: int | None = None) -> dict[str, torch.Tensor]:
     inputs = {
         names.EMBEDDINGS: torch.zeros(1, length, cfg.hidden_size),
         names.PER_LAYER_EMBEDDINGS: torch.zeros(1, length, cfg.num_layers, cfg.hidden_size_per_layer_input),
         names.INPUT_POS: torch.arange(length, dtype=torch.int32),
         names.MASK: torch.zeros(1, 1, length, cache_length),
     }
-    cache = empty_kv_cache(cfg, cache_length)
+    cache = empty_kv_cache(cfg, cache_length, ring=ring)
     inputs.update(zip(names.kv_cache_names(len(cfg.kv_cache_layers)), cache))
     return inputs
 
@@ -142,10 +144,19 @@ class BundlePlan:
         return names.bundle_file(self.name)
 
 
-def text_bundle_plans(cfg: TextConfig, prefill_lengths: tuple[int, ...], cache_length: int) -> list[BundlePlan]:
+def sliding_cache_length(cfg: TextConfig, prefill_lengths, cache_length: int, sliding_ring: bool = True) -> int:
+    """Positions a sliding layer's cache holds: a ring (converter/model.py) when one is shorter."""
+    ring = ring_length(cfg, prefill_lengths, cache_length) if sliding_ring else None
+    return ring or cache_length
+
+
+def text_bundle_plans(cfg: TextConfig, prefill_lengths: tuple[int, ...], cache_length: int,
+                      sliding_ring: bool = True) -> list[BundlePlan]:
     if any(n < 1 or n > cache_length for n in prefill_lengths):
         raise ExportError(f"prefill lengths {list(prefill_lengths)} must be between 1 and --cache-length {cache_length}")
     lengths = sorted(set(prefill_lengths))
+    ring = sliding_cache_length(cfg, lengths, cache_length, sliding_ring)
+    ring = ring if ring < cache_length else None
     # The single-token signature comes first in the lookup bundles: LiteRT-LM's CPU executor looks
     # tokens up one at a time through a file's first signature.
     def lookup_plan(bundle: str) -> BundlePlan:
@@ -162,8 +173,8 @@ def text_bundle_plans(cfg: TextConfig, prefill_lengths: tuple[int, ...], cache_l
         BundlePlan(
             names.TEXT_CORE,
             "decoder.",
-            tuple((names.prefill(n), False, text_core_inputs(cfg, n, cache_length)) for n in lengths)
-            + ((names.DECODE, True, text_core_inputs(cfg, 1, cache_length)),),
+            tuple((names.prefill(n), False, text_core_inputs(cfg, n, cache_length, ring)) for n in lengths)
+            + ((names.DECODE, True, text_core_inputs(cfg, 1, cache_length, ring)),),
         ),
     ]
 

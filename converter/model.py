@@ -15,6 +15,13 @@ modeling_gemma3n.py line for line; the parity tests hold it to 1e-5.
 Cache layout (LiteRT-LM's default): K [1, kv_heads, cache_len, head_dim],
 V [1, kv_heads, head_dim, cache_len]. `mask` is the additive full-attention mask
 [1, 1, T, cache_len] (0 = attend, MASK_VALUE = blocked); sliding layers narrow it in-graph.
+
+Sliding-window ring: a sliding layer only ever reads the last `sliding_window` positions, so its
+cache may be a ring of R < cache_len slots (position p in slot p mod R; `ring_length`). A call
+writes its T positions first and then attends, so R must leave room for a whole call's writes
+next to the window: R >= window + T - 1. Which position a slot holds follows from the call's
+positions alone (positions are written in order), so the ring needs no mask from the runner
+and no extra state. Whether a slot is a ring is read from its cache tensor's shape.
 """
 
 from __future__ import annotations
@@ -125,21 +132,31 @@ class Attention(nn.Module):
             self.v_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, with_scale=False)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
 
-    def update_cache(self, x, cos, sin, input_pos, k_cache, v_cache):
+    def update_cache(self, x, cos, sin, input_pos, k_cache, v_cache, ring: bool):
         B, T, _ = x.shape
-        k = rope(self.k_norm(self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)), cos, sin)
-        v = self.v_norm(self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim))
+        k = rope(self.k_norm(self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)), cos, sin).permute(0, 2, 1, 3)
+        v = self.v_norm(self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)).permute(0, 2, 3, 1)
         start = input_pos[0]  # 0-d: positions of one call are contiguous
+        if ring and T > 1:  # the call's slots may wrap past the ring's end: gather, then select
+            slots = k_cache.shape[2]
+            offset = torch.remainder(torch.arange(slots, dtype=start.dtype) - start, slots)  # slot -> index in the call
+            written = offset < T
+            index = torch.clamp(offset, max=T - 1)
+            k_cache = torch.where(written[None, None, :, None], k.index_select(2, index), k_cache)
+            v_cache = torch.where(written[None, None, None, :], v.index_select(3, index), v_cache)
+            return k_cache, v_cache
+        if ring:  # one position never wraps: an in-place write at its slot
+            start = torch.remainder(start, k_cache.shape[2])
         zero = torch.zeros_like(start)
-        k_cache = dynamic_update_slice(k_cache, k.permute(0, 2, 1, 3), [zero, zero, start, zero])
-        v_cache = dynamic_update_slice(v_cache, v.permute(0, 2, 3, 1), [zero, zero, zero, start])
+        k_cache = dynamic_update_slice(k_cache, k, [zero, zero, start, zero])
+        v_cache = dynamic_update_slice(v_cache, v, [zero, zero, zero, start])
         return k_cache, v_cache
 
-    def forward(self, x, cos, sin, mask, input_pos, k_cache, v_cache):
-        # x [B,T,H]; k_cache [B,KVH,C,D]; v_cache [B,KVH,D,C]; mask [1,1,T,C]
+    def forward(self, x, cos, sin, mask, input_pos, k_cache, v_cache, ring: bool = False):
+        # x [B,T,H]; k_cache [B,KVH,C,D]; v_cache [B,KVH,D,C]; mask [1,1,T,C] (C: the ring's R for a ring)
         # Owners write this step's K/V first; KV-shared layers get their source's updated cache.
         if self.owns_kv:
-            k_cache, v_cache = self.update_cache(x, cos, sin, input_pos, k_cache, v_cache)
+            k_cache, v_cache = self.update_cache(x, cos, sin, input_pos, k_cache, v_cache, ring)
         B, T, _ = x.shape
         groups = self.num_heads // self.num_kv_heads
         q = rope(self.q_norm(self.q_proj(x).view(B, T, self.num_heads, self.head_dim)), cos, sin)
@@ -233,12 +250,12 @@ class DecoderLayer(nn.Module):
         self.per_layer_projection = nn.Linear(cfg.hidden_size_per_layer_input, h, bias=False)
         self.post_per_layer_input_norm = RMSNorm(h, eps)
 
-    def forward(self, streams, per_layer_input, cos, sin, mask, input_pos, k_cache, v_cache):
+    def forward(self, streams, per_layer_input, cos, sin, mask, input_pos, k_cache, v_cache, ring: bool = False):
         predictions = self.altup.predict(streams)
         active = predictions[self.active]
         normed = self.input_layernorm(active)
         laurel = self.laurel(normed)
-        attn, k_cache, v_cache = self.self_attn(normed, cos, sin, mask, input_pos, k_cache, v_cache)
+        attn, k_cache, v_cache = self.self_attn(normed, cos, sin, mask, input_pos, k_cache, v_cache, ring)
         attn = self.post_attention_layernorm(attn)
         attn_laurel = (active + attn + laurel) / math.sqrt(2)
         ffw = self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(attn_laurel)))
@@ -297,6 +314,18 @@ class TextDecoder(nn.Module):
         in_window = cache_pos[None, :] > (input_pos[:, None] - self.cfg.sliding_window)  # [T,C]
         return torch.where(in_window[None, None], mask, torch.full_like(mask, MASK_VALUE))
 
+    def _ring_mask(self, input_pos: torch.Tensor, slots: int) -> torch.Tensor:
+        """[1,1,T,R] for a ring of R slots after this call's writes: slot j holds the newest
+        position q <= the call's last with q = j (mod R); p attends to it when p - window < q <= p."""
+        # The call's slots run from input_pos[0] (a runner may pad input_pos past its real positions
+        # with anything: LiteRT-LM pads with zeros), so the last written position is start + T - 1.
+        last = input_pos[0] + (input_pos.shape[0] - 1)
+        slot = torch.arange(slots, dtype=input_pos.dtype, device=input_pos.device)
+        held = last - torch.remainder(last - slot, slots)  # [R]; negative: never written
+        p = input_pos[:, None]
+        allowed = (held[None, :] >= 0) & (held[None, :] <= p) & (held[None, :] > p - self.cfg.sliding_window)
+        return torch.where(allowed, 0.0, MASK_VALUE)[None, None].to(torch.float32)
+
     # -- forward -------------------------------------------------------------------------
     def forward(
         self,
@@ -323,14 +352,25 @@ class TextDecoder(nn.Module):
         rope_local = self._rope_tables(input_pos, self.inv_freq_local)
         rope_global = self._rope_tables(input_pos, self.inv_freq_global)
         sliding_mask = self._sliding_mask(mask, input_pos)
+        ring_masks = {}  # ring length -> its mask, built once per call
 
         for i, layer in enumerate(self.layers):
             cos, sin = rope_local if cfg.is_sliding(i) else rope_global
-            layer_mask = sliding_mask if cfg.is_sliding(i) else mask
             slot = self.cache_slot[i]
+            slots = kv_cache[2 * slot].shape[2]
+            ring = slots != mask.shape[-1]
+            if ring:
+                if not cfg.is_sliding(i) or slots < cfg.sliding_window + T - 1:
+                    raise ValueError(f"layer {i}: a {slots}-slot cache needs a sliding layer and at least "
+                                     f"{cfg.sliding_window + T - 1} slots for {T}-position calls")
+                if slots not in ring_masks:
+                    ring_masks[slots] = self._ring_mask(input_pos, slots)
+                layer_mask = ring_masks[slots]
+            else:
+                layer_mask = sliding_mask if cfg.is_sliding(i) else mask
             streams, kv_cache[2 * slot], kv_cache[2 * slot + 1] = layer(
                 streams, per_layer_inputs[:, :, i, :], cos, sin, layer_mask, input_pos,
-                kv_cache[2 * slot], kv_cache[2 * slot + 1],
+                kv_cache[2 * slot], kv_cache[2 * slot + 1], ring,
             )
 
         if not compute_logits:
@@ -346,11 +386,27 @@ class TextDecoder(nn.Module):
         return logits, kv_cache
 
 
-def empty_kv_cache(cfg: TextConfig, cache_len: int, batch: int = 1, dtype=torch.float32) -> list[torch.Tensor]:
-    """Zeroed cache tensors in slot order: [k_0, v_0, k_1, v_1, ...]."""
-    k_shape = (batch, cfg.num_kv_heads, cache_len, cfg.head_dim)
-    v_shape = (batch, cfg.num_kv_heads, cfg.head_dim, cache_len)
-    return [torch.zeros(s, dtype=dtype) for _ in cfg.kv_cache_layers for s in (k_shape, v_shape)]
+def ring_length(cfg: TextConfig, prefill_lengths, cache_len: int) -> int | None:
+    """Slots of a sliding layer's ring for calls of up to max(prefill_lengths) positions, or None
+    when a ring would be no shorter than the cache."""
+    slots = cfg.sliding_window + max([1, *prefill_lengths]) - 1
+    return slots if slots < cache_len else None
+
+
+def kv_slot_lengths(cfg: TextConfig, cache_len: int, ring: int | None = None) -> list[int]:
+    """Positions each cache slot holds: `ring` for sliding layers' slots when given, else cache_len."""
+    return [ring if ring is not None and cfg.is_sliding(layer) else cache_len for layer in cfg.kv_cache_layers]
+
+
+def empty_kv_cache(cfg: TextConfig, cache_len: int, batch: int = 1, dtype=torch.float32,
+                   ring: int | None = None) -> list[torch.Tensor]:
+    """Zeroed cache tensors in slot order: [k_0, v_0, k_1, v_1, ...]; sliding slots hold `ring`
+    positions when it is given (see ring_length)."""
+    out = []
+    for length in kv_slot_lengths(cfg, cache_len, ring):
+        out.append(torch.zeros((batch, cfg.num_kv_heads, length, cfg.head_dim), dtype=dtype))
+        out.append(torch.zeros((batch, cfg.num_kv_heads, cfg.head_dim, length), dtype=dtype))
+    return out
 
 
 def causal_mask(input_pos: torch.Tensor, cache_len: int) -> torch.Tensor:
@@ -370,7 +426,7 @@ class Gemma3nText(nn.Module):
         self.decoder = TextDecoder(cfg)
 
     def forward(self, token_ids, input_pos, kv_cache, compute_logits: bool = True):
-        mask = causal_mask(input_pos, kv_cache[0].shape[2])
+        mask = causal_mask(input_pos, max(k.shape[2] for k in kv_cache[::2]))
         return self.decoder(
             self.embedder(token_ids), self.ple(token_ids), input_pos.int(), mask, kv_cache, compute_logits
         )

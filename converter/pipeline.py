@@ -27,7 +27,8 @@ from bundle.manifest import BundleEntry, Manifest, Mask, MatformerEntry, Source,
 from converter import __version__
 from converter.checkpoint import RandomWeights, SafetensorsCheckpoint, expected_shapes
 from converter.config import VARIANTS, EncoderConfig, TextConfig, encoder_configs_from_hf, load_hf_config, variant_config, variant_encoders
-from converter.export import build_module, convert_to_tflite, encoder_bundle_plan, encoder_manifest, text_bundle_plans
+from converter.export import (build_module, convert_to_tflite, encoder_bundle_plan, encoder_manifest, sliding_cache_length,
+                              text_bundle_plans)
 from converter.matformer import MatformerSlice, SlicedWeights, load_matformer
 from converter.standins import materialize_with_standins
 from quant.recipes import BLOCK_SIZES, SCHEMES, bundle_scheme, plan_quantization
@@ -50,6 +51,7 @@ class ConvertOptions:
     strict: bool = False
     prefill_lengths: tuple[int, ...] = (32, 128)
     cache_length: int = 1024
+    sliding_ring: bool = True  # sliding layers' caches as window-sized rings (converter/model.py)
     tokenizer: Path | None = None
     bundles: tuple[str, ...] | None = None  # None: every bundle the model has (no encoders for text-only checkpoints)
     matformer: str | None = None  # a MatFormer configuration to slice to on the fly: a published name or a JSON file
@@ -170,7 +172,7 @@ def convert(opts: ConvertOptions, on_stage: Callable[[str], None] = lambda s: No
     tokenizer = find_tokenizer(opts, checkpoint_dir)
     if tokenizer is not None:
         check_tokenizer(tokenizer, cfg)
-    plans = [p for p in text_bundle_plans(cfg, opts.prefill_lengths, opts.cache_length) if p.name in wanted]
+    plans = [p for p in text_bundle_plans(cfg, opts.prefill_lengths, opts.cache_length, opts.sliding_ring) if p.name in wanted]
     plans += [encoder_bundle_plan(enc) for enc in encoders.values()]
 
     out = Path(opts.out)
@@ -223,6 +225,7 @@ def convert(opts: ConvertOptions, on_stage: Callable[[str], None] = lambda s: No
                     shutil.copyfile(tokenizer, tmp)
                 files[names.TOKENIZER] = file_entry(out / names.TOKENIZER_FILE)
 
+            sliding = sliding_cache_length(cfg, opts.prefill_lengths, opts.cache_length, opts.sliding_ring)
             manifest = Manifest(
                 variant=cfg.name,
                 created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -237,6 +240,7 @@ def convert(opts: ConvertOptions, on_stage: Callable[[str], None] = lambda s: No
                 cache_length=opts.cache_length,
                 prefill_lengths=tuple(sorted(set(opts.prefill_lengths))),
                 kv_cache_layout=dict(names.KV_CACHE_LAYOUT),
+                sliding_cache_length=sliding if sliding < opts.cache_length else None,
                 mask=Mask(attend=names.MASK_ATTEND, blocked=names.MASK_BLOCKED,
                           note="full-attention mask; sliding layers narrow it in-graph"),
                 bundles=bundles,

@@ -67,8 +67,15 @@ def test_signatures_follow_litert_lm_names(tiny_bundle):
             for tensor, detail in runner.get_input_details().items():
                 assert list(detail["shape"]) == declared["inputs"][tensor]["shape"], (bundle, name, tensor)
     decode = manifest["bundles"]["text_core"]["signatures"]["decode"]
-    assert decode["inputs"]["kv_cache_k_0"]["shape"] == [1, cfg["num_kv_heads"], TINY_CACHE, cfg["head_dim"]]
-    assert decode["inputs"]["kv_cache_v_0"]["shape"] == [1, cfg["num_kv_heads"], cfg["head_dim"], TINY_CACHE]
+    # Sliding slots are rings of window + longest prefill - 1 positions; full-attention slots hold the cache.
+    ring = cfg["sliding_window"] + max(TINY_PREFILL) - 1
+    assert manifest["sliding_cache_length"] == ring < TINY_CACHE
+    owners = [i for i in range(len(cfg["layer_types"])) if i < slots]
+    for slot in owners:
+        length = ring if cfg["layer_types"][slot] == "sliding_attention" else TINY_CACHE
+        assert decode["inputs"][f"kv_cache_k_{slot}"]["shape"] == [1, cfg["num_kv_heads"], length, cfg["head_dim"]]
+        assert decode["inputs"][f"kv_cache_v_{slot}"]["shape"] == [1, cfg["num_kv_heads"], cfg["head_dim"], length]
+    assert {cfg["layer_types"][s] for s in owners} == {"sliding_attention", "full_attention"}
     assert f"kv_cache_k_{slots - 1}" in decode["outputs"] and f"kv_cache_k_{slots}" not in decode["outputs"]
     assert "logits" in decode["outputs"]
     assert "logits" not in manifest["bundles"]["text_core"]["signatures"][f"prefill_{TINY_PREFILL[0]}"]["outputs"]

@@ -7,7 +7,7 @@ import torch
 from transformers import Gemma3nForCausalLM, Gemma3nForConditionalGeneration
 
 from converter.config import FULL, SLIDING, load_hf_config
-from converter.model import empty_kv_cache
+from converter.model import empty_kv_cache, ring_length
 from converter.checkpoint import load_text_model as load_ours
 
 # fp32 on both sides with the same operations; only matmul blocking / reduction order differ.
@@ -83,6 +83,37 @@ def test_incremental_decoding_equals_full_forward_in_float64(case):
         full, _ = ours(ids, torch.arange(PROMPT_LEN), empty_kv_cache(ours.cfg, 64, dtype=torch.float64))
         incremental = incremental_logits(ours, ids, torch.float64)
     torch.testing.assert_close(incremental, full[:, 13:], atol=FLOAT64_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("plan", [
+    [13, 16, 1] + [1] * 10,  # the 16-position call wraps past the ring's end
+    [5, 2, 16, 3, 1, 12, 1],  # calls of every size, one ending exactly at the ring's end
+    [(16, 3), (16, 16), 1, (16, 2), 1, (8, 7), 1],  # (call length, real positions): padded calls
+])
+def test_sliding_ring_equals_the_full_cache_in_float64(case, plan):
+    """A sliding layer's cache as a ring of window + 16 - 1 slots (calls of up to 16 positions):
+    the logits of every real position equal the full forward's. Padded positions are written and
+    must be overwritten or masked before anything reads them, as with the linear cache."""
+    _, _, ours = case
+    ours = ours.double()
+    cfg = ours.cfg
+    ids = prompt(cfg, seed=2)
+    ring = ring_length(cfg, [16], 64)
+    assert ring == cfg.sliding_window + 15
+    with torch.no_grad():
+        full, _ = ours(ids, torch.arange(PROMPT_LEN), empty_kv_cache(cfg, 64, dtype=torch.float64))
+        cache = empty_kv_cache(cfg, 64, dtype=torch.float64, ring=ring)
+        assert {k.shape[2] for k in cache[::2]} == {ring, 64}
+        position, checked = 0, 0
+        for call in plan:
+            length, real = call if isinstance(call, tuple) else (call, call)
+            chunk = ids[:, position:position + real]
+            padded = torch.cat([chunk, torch.randint(3, 100, (1, length - real))], 1)
+            logits, cache = ours(padded, torch.arange(position, position + length), cache)
+            torch.testing.assert_close(logits[:, :real], full[:, position:position + real], atol=FLOAT64_ATOL, rtol=0)
+            position += real
+            checked += real
+    assert position > ring, "the ring wrapped"
 
 
 def test_incremental_decoding_matches_transformers(case):
