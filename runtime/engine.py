@@ -42,6 +42,7 @@ LOAD_ORDER = (names.TEXT_CORE, names.EMBEDDER, names.PLE)  # the text bundles, i
 # call ~100 ms, a prefill position ~24 ms; docs/BENCHMARKS.md). CALL_COST: per-call lookups and copies.
 DECODE_COST = 4
 CALL_COST = 1
+RELEASE_ROWS = 64  # table rows looked up between two releases of the tables' pages (TextEngine._look_up)
 
 
 def open_interpreter(path: Path, num_threads: int | None = None, reference: bool = False):
@@ -211,9 +212,16 @@ class TextEngine:
             return (emb.get_signature_runner(names.lookup_signature(names.EMBEDDER, length)),
                     ple.get_signature_runner(names.lookup_signature(names.PLE, length)))
 
+        # Prompt chunks are looked up in pieces of the shortest prefill length: each signature's
+        # tensors stay allocated once it has run (E2B: ~100 MiB for a 512-token lookup), and a
+        # lookup costs microseconds per token next to milliseconds in the text core.
+        self.lookup_length = self.prefill_lengths[0] if self.prefill_lengths else 1
         with litert_errors(f"{paths[names.EMBEDDER]} or {paths[names.PLE]}"):
-            self._lookups = {n: lookups(n) for n in self.prefill_lengths}
-            self._lookups[1] = lookups(None)
+            self._lookups = {1: lookups(None)}
+            if self.lookup_length > 1:
+                self._lookups[self.lookup_length] = lookups(self.lookup_length)
+        self.table_paths = (paths[names.EMBEDDER], paths[names.PLE])
+        self._rows_since_release = 0
         for path in paths.values():  # loading read every page; from here on only what runs stays resident
             release_file_pages(path)
         self.reset()
@@ -235,19 +243,41 @@ class TextEngine:
     def _run(self, token_ids: np.ndarray, positions: np.ndarray, want_logits: bool, soft: dict | None = None):
         with litert_errors(f"the text bundles of {self.folder}"):  # a damaged file LiteRT meets only now
             n = len(token_ids)
-            embed, per_layer = self._lookups[n]
-            ids = token_ids.reshape(1, -1).astype(np.int32)
-            embeddings = embed(**{names.TOKEN_IDS: ids})[names.EMBEDDINGS]
+            embeddings, per_layer = self._look_up(token_ids)
             for i, vector in (soft or {}).items():  # image / audio soft tokens replace their placeholders' rows
                 embeddings[0, i] = vector
             inputs = {
                 names.EMBEDDINGS: embeddings,
-                names.PER_LAYER_EMBEDDINGS: per_layer(**{names.TOKEN_IDS: ids})[names.EMBEDDINGS],
+                names.PER_LAYER_EMBEDDINGS: per_layer,
                 names.INPUT_POS: positions.astype(np.int32),
                 names.MASK: self._mask(positions),
             }
             signature = names.prefill(n) if not want_logits and n in self.prefill_lengths else names.DECODE
             return self.core.run(signature, inputs, want_logits)
+
+    def _look_up(self, token_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The embedder's and PLE's rows for `token_ids`: [1, n, H] and [1, n, layers * width].
+
+        Each looked-up row faults in a page or more of the mapped table file (the kernel maps
+        the pages around it too: ~200 KiB a token over both E2B tables), and those pages would
+        stay resident for the process's life. So once RELEASE_ROWS tokens have been looked up
+        the tables' pages are given back (runtime/pages.py; ~1 ms): resident table memory
+        follows the tokens of the last call, not every token the session has seen."""
+        m = 1 if len(token_ids) == 1 else self.lookup_length
+        embed, per_layer = self._lookups[m]
+        n = len(token_ids)
+        ids = np.asarray(token_ids, np.int32)
+        ids = np.concatenate([ids, np.zeros(-n % m, np.int32)]).reshape(-1, 1, m)
+        pieces = []
+        for piece in ids:  # the outputs are copies: the next call does not overwrite them
+            pieces.append((embed(**{names.TOKEN_IDS: piece})[names.EMBEDDINGS],
+                           per_layer(**{names.TOKEN_IDS: piece})[names.EMBEDDINGS]))
+            self._rows_since_release += m
+            if self._rows_since_release >= RELEASE_ROWS:
+                for path in self.table_paths:
+                    release_file_pages(path)
+                self._rows_since_release = 0
+        return tuple(np.concatenate([p[k] for p in pieces], axis=1)[:, :n] for k in (0, 1))
 
     def plan(self, count: int) -> list[int]:
         """The signature calls that feed `count` tokens from the current position: prefill lengths,
