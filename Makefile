@@ -59,6 +59,7 @@ bench: setup
 	$(BIN)/pip install --quiet -e ".[dev,bench]"
 	$(BIN)/python bench/run.py --out docs/BENCHMARKS.md
 	$(BIN)/python bench/matformer.py --out docs/MATFORMER.md
+	$(BIN)/python bench/context.py --out docs/CONTEXT.md --e4b
 
 clean:
 	rm -rf out artifacts .pytest_cache
