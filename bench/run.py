@@ -433,7 +433,9 @@ def main() -> None:
     lines = [
         "# Benchmarks",
         "",
-        "MatFormer configurations of E4B (sizes, speed, memory next to MMLU) are in [MATFORMER.md](MATFORMER.md).",
+        "MatFormer configurations of E4B (sizes, speed, memory next to MMLU) are in [MATFORMER.md](MATFORMER.md). "
+        "Speed against the context in use at several cache lengths (g3n-run and LiteRT-LM), and a text session's "
+        "memory against the 2 GB / 3 GB targets, are in [CONTEXT.md](CONTEXT.md).",
         "",
         "Produced by `make bench` (bench/run.py). Numbers are from the machine and date below; re-run to refresh.",
         "",
