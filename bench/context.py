@@ -54,6 +54,13 @@ def convert(variant: str, cache: int, ring: bool, work: Path) -> tuple[Path, dic
     return folder, result
 
 
+def cpu_features() -> str:
+    """The vector extensions XNNPACK's kernels depend on, as /proc/cpuinfo lists them."""
+    flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("flags")), [])
+    return ", ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags) or "no AVX2"
+
+
 def drop_page_cache() -> bool:
     """Start a memory measurement from a cold page cache (root only): a file just written sits in
     large folios, and a random-row lookup then maps a whole folio (bench/NOTES.md)."""
@@ -140,7 +147,11 @@ def main() -> None:
     parser.add_argument("--prompts", default="128,512,1024,2048")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--e4b", action="store_true", help="also E4B's memory at cache 4,096 (a 9-minute conversion)")
+    parser.add_argument("--render-only", action="store_true", help="rewrite --out from --work's context.json, measuring nothing")
     args = parser.parse_args()
+    if args.render_only:
+        render(json.loads((args.work / "context.json").read_text()), args.out)
+        return
     caches = [int(c) for c in args.caches.split(",")]
     prompts = [int(p) for p in args.prompts.split(",")]
     args.work.mkdir(parents=True, exist_ok=True)
@@ -153,7 +164,7 @@ def main() -> None:
         folders.append((folder, cache, ring))
         conversions[folder.name] = result
 
-    rows = []
+    rows, failures = [], []
     for folder, _, _ in folders:  # the first run of each engine builds its weight cache: not counted
         for engine in ENGINES:
             run_generation(folder, prompts[0], engine, scratch)
@@ -165,7 +176,8 @@ def main() -> None:
                 for engine in ENGINES:
                     r = run_generation(folder, prompt, engine, scratch)
                     if "error" in r:
-                        print(f"{folder.name} {engine} {prompt}: {r['error']}", flush=True)
+                        failures.append(f"{ENGINE_NAMES[engine]}, cache {cache:,}, prompt {prompt:,}: {r['error']}")
+                        print(failures[-1], flush=True)
                         continue
                     rows.append({"folder": folder.name, "cache": cache, "ring": ring, "engine": engine, "prompt": prompt,
                                  "prefill": r["prefill_tokens_per_second"], "decode": r["decode_tokens_per_second"],
@@ -184,15 +196,21 @@ def main() -> None:
                 r = memory(folder, prompt)
                 sweep.append({"variant": variant, "prompt": prompt, "peak_rss": r["vm_hwm"]})
 
-    (args.work / "context.json").write_text(json.dumps({"rows": rows, "memory": mem, "sweep": sweep, "conversions": conversions}))
-    plot_path = args.out.parent / "bench" / "context.png"  # next to BENCHMARKS.md's plots
+    data = {"rows": rows, "failures": failures, "memory": mem, "sweep": sweep, "conversions": conversions,
+            "caches": caches, "machine": f"{machine()}; CPU flags {cpu_features()}", "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
+    (args.work / "context.json").write_text(json.dumps(data))
+    render(data, args.out)
+
+
+def render(data: dict, out: Path) -> None:
+    rows, mem, sweep, caches = data["rows"], data["memory"], data["sweep"], data["caches"]
+    plot_path = out.parent / "bench" / "context.png"  # next to BENCHMARKS.md's plots
     plot_path.parent.mkdir(parents=True, exist_ok=True)
     plot(rows, sweep, plot_path)
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     lines = [
         "# Context: cost against the context in use and the cache's capacity",
         "",
-        f"Produced by `python bench/context.py` (part of `make bench`) on {machine()}, {stamp}. "
+        f"Produced by `python bench/context.py` (part of `make bench`) on {data['machine']}, {data['date']}. "
         "Re-run to refresh; the machine shares its CPU, so repeated runs vary by about 10%.",
         "",
         "## Speed: g3n-run and LiteRT-LM at several cache lengths",
@@ -206,6 +224,7 @@ def main() -> None:
         "",
         *speed_table(rows, caches[0]),
         "",
+        *(["Points that did not run:", "", *(f"- {f}" for f in data["failures"]), ""] if data["failures"] else []),
         f"![decode speed against context in use, and peak RSS against prompt length](bench/{plot_path.name})",
         "",
         "## Memory: a text session at a 1,024-token prompt, cache 4,096",
@@ -217,8 +236,11 @@ def main() -> None:
         *memory_table(mem),
         "",
     ]
-    args.out.write_text("\n".join(lines))
-    print(f"wrote {args.out} and {plot_path}")
+    notes = ROOT / "bench" / "CONTEXT_NOTES.md"
+    if notes.exists():
+        lines += [notes.read_text().strip(), ""]
+    out.write_text("\n".join(lines))
+    print(f"wrote {out} and {plot_path}")
 
 
 if __name__ == "__main__":
