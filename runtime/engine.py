@@ -212,9 +212,10 @@ class TextEngine:
             return (emb.get_signature_runner(names.lookup_signature(names.EMBEDDER, length)),
                     ple.get_signature_runner(names.lookup_signature(names.PLE, length)))
 
-        # Prompt chunks are looked up in pieces of the shortest prefill length: each signature's
-        # tensors stay allocated once it has run (E2B: ~100 MiB for a 512-token lookup), and a
-        # lookup costs microseconds per token next to milliseconds in the text core.
+        # Prompt chunks are looked up in pieces of the shortest prefill length: a signature's
+        # tensors become resident once it has run (E2B: ~100 MiB for a 512-token lookup), and a
+        # lookup costs microseconds per token next to milliseconds in the text core. A signature
+        # LiteRT would refuse is refused when it first runs (tests/test_reliability.py).
         self.lookup_length = self.prefill_lengths[0] if self.prefill_lengths else 1
         with litert_errors(f"{paths[names.EMBEDDER]} or {paths[names.PLE]}"):
             self._lookups = {1: lookups(None)}

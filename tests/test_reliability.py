@@ -130,13 +130,15 @@ def test_g3n_run_refuses_a_flipped_file_by_default(tiny_bundle, tmp_path):
 def test_a_file_litert_refuses_after_verification_is_one_clear_error(tiny_bundle, tmp_path, bundle):
     """An operator input pointing past the tensor list passes the flatbuffer verifier and the
     sha256 check (the manifest is rewritten to match), and LiteRT refuses it only when it sets the
-    signature up: "Invalid tensor index"."""
+    signature up: "Invalid tensor index". The damage is in a signature every prompt runs."""
     from ai_edge_litert.tools import flatbuffer_utils
 
     folder = copy_bundle(tiny_bundle, tmp_path / "bundle")
     path = folder / names.bundle_file(bundle)
     model = flatbuffer_utils.read_model(str(path))
-    model.subgraphs[-1].operators[0].inputs[0] = 99_999
+    runs = names.DECODE if bundle == names.TEXT_CORE else names.lookup_signature(bundle)
+    subgraph = next(s.subgraphIndex for s in model.signatureDefs if s.signatureKey.decode() == runs)
+    model.subgraphs[subgraph].operators[0].inputs[0] = 99_999
     flatbuffer_utils.write_model(model, str(path))
     manifest = read_manifest(folder)
     manifest.bundles[bundle].bytes, manifest.bundles[bundle].sha256 = path.stat().st_size, sha256_file(path)
