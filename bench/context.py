@@ -8,9 +8,10 @@ folder's resident memory at a 1,024-token prompt, broken down (bench/memory.py),
 that a phone's E2B text session is given; with --e4b also E4B's against 3 GB.
 
     python bench/context.py [--out docs/CONTEXT.md] [--work DIR] [--caches 1280,4096,8192]
-                            [--prompts 128,512,1024,2048] [--repeats 2] [--e4b]
+                            [--prompts 128,512,1024,2048] [--repeats 2] [--e4b] [--render-only]
 
-Folders already in --work are reused (the conversion's figures then read "reused").
+Folders already in --work are reused. Every figure, the conversions' wall time and peak RSS
+included, goes to --work's context.json; --render-only rewrites the page from it.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.run import CONVERT, NEW_TOKENS, machine, measured_run, run_generation  # noqa: E402
-from bundle.manifest import read_manifest  # noqa: E402
 
 # The default prefill lengths (32, 128): per token, a 512-token call is no faster than four of
 # 128 at these cache lengths, and its activation arena stays allocated (bench/NOTES.md).
