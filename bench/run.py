@@ -30,7 +30,7 @@ CONVERT = [sys.executable, "-m", "converter.cli"]
 
 # (label, g3n-convert arguments, bundles): one process per bundle, so each peak belongs to one
 # bundle; the runtime cases run on the folder assembled from these.
-ALL = list(names.ALL_BUNDLES)
+ALL = list(names.TEXT_BUNDLES + names.ENCODER_BUNDLES)  # an encoder's companions come with it
 CASES = [
     ("tiny (checkpoint)", ["--prefill-lengths", "8,32", "--cache-length", "256"], ALL),
     ("e2b int4 (random weights)", ["--variant", "e2b", "--random-weights", "--quant", "int4", "--no-quality-report",
@@ -87,11 +87,16 @@ def measured_run(cmd: list[str]) -> tuple[str, dict]:
 
 
 def run_case(args: list[str], bundle: str, out: Path) -> dict:
+    """Convert one bundle; an encoder's row counts its companions too (the audio adapter, the
+    end-of-media constant), which the same process converts."""
     _, result = measured_run([*CONVERT, *args, "--bundles", bundle, "--out", str(out), "-q"])
     if "error" in result:
         return result
-    entry = read_manifest(out).bundles[bundle]
-    return {**result, "bytes": entry.bytes, "parameters": entry.parameters, "scheme": entry.quantization["scheme"]}
+    manifest = read_manifest(out)
+    encoder = next((e for e in manifest.encoders.values() if e.bundle == bundle), None)
+    entries = [manifest.bundles[b] for b in (encoder.parts() if encoder else [bundle])]
+    return {**result, "bytes": sum(e.bytes for e in entries), "parameters": sum(e.parameters for e in entries),
+            "scheme": entries[0].quantization["scheme"]}
 
 
 def assemble(parts: list[Path], dest: Path) -> Path:
@@ -222,7 +227,7 @@ def full_vocab_tokenizer(path: Path, vocab_size: int) -> Path:
 def run_generation(folder: Path, prompt_tokens: int, engine: str, scratch: Path) -> dict:
     if engine == "litert-lm":
         packed = scratch / f"{folder.name}.litertlm"
-        if not packed.exists():
+        if not packed.exists():  # packed in main for the real-size folders
             subprocess.run([str(LITERTLM_PYTHON), str(ROOT / "bench" / "litertlm.py"), "pack", str(folder), str(packed)],
                            cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
         cache_dir = scratch / "litertlm-cache"
@@ -338,6 +343,32 @@ def runtime_table(results: list, budgets: dict[str, int]) -> list[str]:
     return lines + [""]
 
 
+GOOGLE_E2B_INT4_LITERTLM = 3_655_827_456  # bytes of Google's gemma-3n-E2B-it-int4.litertlm
+
+
+def litertlm_table(packed: dict[str, Path]) -> list[str]:
+    """The .litertlm of each real-size folder, section by section, next to Google's E2B int4 file."""
+    from bundle.litertlm import verify_litertlm
+
+    lines = [
+        "## The .litertlm against Google's",
+        "",
+        "`g3n-convert pack` of the e2b int4 folder above (every bundle, random weights): text core, embedder, "
+        "per-layer embedder, vision encoder and end_of_vision, audio encoder, adapter and end_of_audio, tokenizer, "
+        f"metadata and g3n's manifest section. Google's gemma-3n-E2B-it-int4.litertlm is {GOOGLE_E2B_INT4_LITERTLM:,} bytes.",
+        "",
+        "| file | section | LiteRT-LM model type | bytes |",
+        "|---|---|---|---:|",
+    ]
+    for label, path in packed.items():
+        record, _ = verify_litertlm(path)
+        for section in record.sections:
+            lines.append(f"| {label} | {section['holds']} | {section['model_type'] or ''} | {section['bytes']:,} |")
+        size = path.stat().st_size
+        lines.append(f"| {label} | **whole file** | | **{size:,}** ({size / GOOGLE_E2B_INT4_LITERTLM:.3f} of Google's) |")
+    return lines + [""]
+
+
 def size_table(rows: list) -> list[str]:
     """Quantized bundle sizes against the ideal: int4 = 4 bits + an fp16 scale per 32; int8 = 8 bits."""
     lines = [
@@ -414,6 +445,14 @@ def main() -> None:
             whole.append((label, result))
             print(f"  {result}", flush=True)
             shutil.rmtree(tmp / f"{label.replace(' ', '_')}-whole", ignore_errors=True)
+        packed = {}
+        for label, folder in folders.items():
+            if not label.startswith("tiny"):
+                print(f"packing {label} ...", flush=True)
+                packed[label] = tmp / f"{folder.name}.litertlm"  # run_generation's LiteRT-LM runs use this file too
+                subprocess.run([str(LITERTLM_PYTHON), str(ROOT / "bench" / "litertlm.py"), "pack", str(folder), str(packed[label])],
+                               cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        litertlm_sizes = litertlm_table(packed) if packed else []
         os.environ["G3N_CACHE_DIR"] = str(tmp / "g3n-cache")  # g3n-run's weight caches, gone with the run
         budgets = {label: text_weights_and_cache(folder) for label, folder in folders.items()}
         for label, lengths, engines in RUN_CASES:
@@ -459,7 +498,7 @@ def main() -> None:
     for label, case_args, _ in CASES:
         source = "--checkpoint <tiny checkpoint> " if label.startswith("tiny") else ""
         lines.append(f"- {label}: `g3n-convert {source}{' '.join(case_args)}`")
-    lines += ["", *(whole_table(whole) if whole else []), *size_table(rows), *runtime_table(runs, budgets)]
+    lines += ["", *(whole_table(whole) if whole else []), *size_table(rows), *litertlm_sizes, *runtime_table(runs, budgets)]
     plots = args.out.parent / "bench"
     plots.mkdir(parents=True, exist_ok=True)
     if whole:

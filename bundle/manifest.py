@@ -23,18 +23,18 @@ from pathlib import Path
 
 from bundle.errors import BundleError, read_json_object
 from bundle.files import explain_os_error, sha256_file, write_bytes_atomic
-from bundle.names import ALL_BUNDLES, ENCODER_BUNDLES, LITERTLM_SUFFIX, MANIFEST, MODALITY_BUNDLES
+from bundle.names import ALL_BUNDLES, ENCODER_BUNDLES, LITERTLM_SUFFIX, MANIFEST, MODALITY_BUNDLES, MODALITY_PARTS
 from bundle.verified import VerifiedFiles
 
 FORMAT = "g3n-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the audio encoder takes framed samples (its log-mel front end in-graph), adapter split out
 
 # Bounds a manifest of any real Gemma 3n bundle sits far inside; past them it is damaged or hostile.
 MAX_DIM = 1 << 31
 MAX_TENSOR_ELEMENTS = 1 << 31  # 8 GiB of float32 in one tensor
 MAX_CACHE_LENGTH = 1 << 20
 MAX_FILE_BYTES = 1 << 42
-DTYPES = ("float32", "float16", "int32", "int64", "int8", "bool")
+DTYPES = ("float32", "float16", "int32", "int64", "int8", "uint8", "bool")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -113,16 +113,20 @@ class ImageInput:
 
 @dataclass
 class AudioInput:
-    frames: int
-    mel_bins: int
+    """How a runner frames a clip for the audio encoder, which computes the log-mel itself."""
+
+    frames: int  # the encoder's window, in frames
+    frame_length: int  # samples per frame
+    hop_length: int  # samples from one frame's start to the next
     sample_rate: int
-    frame_ms: float
-    hop_ms: float
+    mel_bins: int  # computed in-graph from each frame
 
     def __post_init__(self):
         _check_int(self.frames, 1, 1 << 20, "frames")
-        _check_int(self.mel_bins, 1, 4096, "mel_bins")
+        _check_int(self.frame_length, 1, 1 << 16, "frame_length")
+        _check_int(self.hop_length, 1, self.frame_length, "hop_length")
         _check_int(self.sample_rate, 1, 1 << 20, "sample_rate")
+        _check_int(self.mel_bins, 1, 4096, "mel_bins")
 
 
 @dataclass
@@ -137,9 +141,18 @@ class EncoderEntry:
     config: dict  # the tower's transformers config
     image: ImageInput | None = _optional()
     audio: AudioInput | None = _optional()
+    adapter: str | None = _optional()  # the bundle that takes the encoder's features to soft tokens (audio)
+    end_of_media: str | None = _optional()  # the bundle holding the end token's embedding (for LiteRT-LM)
+
+    def parts(self) -> list[str]:
+        """The bundles of this modality that the folder has, the encoder first."""
+        return [b for b in (self.bundle, self.adapter, self.end_of_media) if b is not None]
 
     def __post_init__(self):
         _check(self.bundle in ENCODER_BUNDLES, f"bundle {self.bundle!r} is not an encoder bundle")
+        modality = next(m for m, b in MODALITY_BUNDLES.items() if b == self.bundle)
+        for part in (self.adapter, self.end_of_media):
+            _check(part is None or part in MODALITY_PARTS[modality][1:], f"bundle {part!r} is not a {modality} bundle")
         _check((self.image is None) != (self.audio is None), "an encoder takes either an image or audio")
         _check_int(self.soft_tokens, 1, 1 << 16, "soft_tokens")
         for token in (self.start_token_id, self.soft_token_id, self.end_token_id):
@@ -216,6 +229,8 @@ class Manifest:
         _check(not unknown, f"unknown bundle(s) {', '.join(sorted(unknown))}")
         for modality, entry in self.encoders.items():
             _check(MODALITY_BUNDLES.get(modality) == entry.bundle, f"encoder {modality!r} names bundle {entry.bundle!r}")
+            missing = [b for b in entry.parts() if b not in self.bundles]
+            _check(not missing, f"encoder {modality!r} names bundle(s) {', '.join(missing)} the folder does not list")
         names = [entry.file for entry in self.listed_files()]
         _check(len(set(names)) == len(names), "two entries name the same file")
         for key in ("vocab_size", "bos_token_id"):
@@ -240,7 +255,8 @@ class Manifest:
         if data.get("format") != FORMAT:
             raise BundleError(f"{where} is not a g3n bundle manifest")
         if data.get("format_version") != FORMAT_VERSION:
-            raise BundleError(f"{where} has format_version {data.get('format_version')!r}; this g3n reads {FORMAT_VERSION}")
+            raise BundleError(f"{where} has format_version {data.get('format_version')!r}; this g3n reads {FORMAT_VERSION}: "
+                              "convert the checkpoint again with this g3n")
         return _decode(cls, data, where)
 
 

@@ -13,13 +13,21 @@ PLE = "ple"
 TEXT_CORE = "text_core"
 VISION_ENCODER = "vision_encoder"
 AUDIO_ENCODER = "audio_encoder"
+AUDIO_ADAPTER = "audio_adapter"  # the audio encoder's features -> text-width soft-token embeddings
+# One constant each: the embedding of <end_of_image> / <end_of_audio>, for runners (LiteRT-LM)
+# that place it from a model rather than from the token embedder.
+END_OF_VISION = "end_of_vision"
+END_OF_AUDIO = "end_of_audio"
 
 TEXT_BUNDLES = (EMBEDDER, PLE, TEXT_CORE)  # every prompt needs these three (conversion order)
-ENCODER_BUNDLES = (VISION_ENCODER, AUDIO_ENCODER)  # loaded only for image / audio prompts
-ALL_BUNDLES = TEXT_BUNDLES + ENCODER_BUNDLES
+ENCODER_BUNDLES = (VISION_ENCODER, AUDIO_ENCODER)  # what --bundles names; loaded only for image / audio prompts
 
-# Manifest "encoders" keys (a modality) and the bundle each one names.
+# Manifest "encoders" keys (a modality), the encoder bundle each one names, and every bundle the
+# modality brings (the encoder first): converting an encoder converts its companions too.
 MODALITY_BUNDLES = {"vision": VISION_ENCODER, "audio": AUDIO_ENCODER}
+MODALITY_PARTS = {"vision": (VISION_ENCODER, END_OF_VISION), "audio": (AUDIO_ENCODER, AUDIO_ADAPTER, END_OF_AUDIO)}
+MEDIA_BUNDLES = tuple(b for parts in MODALITY_PARTS.values() for b in parts)
+ALL_BUNDLES = TEXT_BUNDLES + MEDIA_BUNDLES
 
 MANIFEST = "manifest.json"
 LITERTLM_SUFFIX = ".litertlm"  # LiteRT-LM's one-file form of a bundle (bundle/litertlm.py)
@@ -60,10 +68,11 @@ TOKEN_IDS = "token_ids"  # lookups: [1, N] int32
 EMBEDDINGS = "embeddings"  # lookups, encoders and the text core's input: [1, N, H] (PLE: [1, N, L, P])
 PER_LAYER_EMBEDDINGS = "per_layer_embeddings"
 INPUT_POS = "input_pos"
-MASK = "mask"  # text core: [1, 1, N, C] float; audio encoder: [1, F] / [1, T] int32
+MASK = "mask"  # text core: [1, 1, N, C] float; audio encoder / adapter: [1, F] / [1, N] uint8, 1 = real
 LOGITS = "logits"
 IMAGES = "images"
-FEATURES = "features"
+AUDIO = "audio"  # audio encoder: [1, F, frame_length] float32, 16 kHz samples in [-1, 1], frame k from sample k * hop
+FEATURES = "features"  # audio encoder -> adapter: [1, N, D] float32
 TEXT_CORE_INPUTS = (EMBEDDINGS, PER_LAYER_EMBEDDINGS, INPUT_POS, MASK)  # besides the cache
 
 KV_CACHE_PREFIX = "kv_cache_"

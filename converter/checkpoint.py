@@ -24,6 +24,7 @@ from torch import nn
 
 from converter.config import TextConfig
 from bundle.errors import CheckpointError
+from bundle.names import AUDIO_ADAPTER
 
 FLOAT16_MAX = 65504.0
 
@@ -86,7 +87,7 @@ IGNORED_PATTERNS = (
 # Where each encoder module's parameters live in a checkpoint (our prefix -> Hugging Face prefix).
 ENCODER_PREFIXES = {
     "vision": {"vision_encoder.tower.": "model.vision_tower.timm_model.", "vision_encoder.embed.": "model.embed_vision."},
-    "audio": {"audio_encoder.tower.": "model.audio_tower.", "audio_encoder.embed.": "model.embed_audio."},
+    "audio": {"audio_encoder.tower.": "model.audio_tower.", "audio_adapter.embed.": "model.embed_audio."},
 }
 
 
@@ -174,7 +175,7 @@ class SafetensorsCheckpoint:
             self.name_map["decoder.lm_head.weight"] = "lm_head.weight"
         self.encoders = set()
         for modality in ENCODER_PREFIXES:
-            names = [n for n in expected_shapes if n.startswith(f"{modality}_encoder.")]
+            names = [n for n in expected_shapes if n.startswith(tuple(ENCODER_PREFIXES[modality]))]
             if names:
                 self.encoders.add(modality)
                 self.name_map.update(encoder_name_map(modality, names))
@@ -304,7 +305,7 @@ class RandomWeights:
 def expected_shapes(cfg: TextConfig, encoders: Iterable = ()) -> dict[str, tuple[int, ...]]:
     """Shapes of every parameter of the three text modules and of the given encoders
     (EncoderConfigs), computed on the meta device (no memory)."""
-    from converter.encoders import build_encoder
+    from converter.encoders import build_adapter, build_encoder
     from converter.model import Gemma3nText
 
     with torch.device("meta"):
@@ -312,6 +313,9 @@ def expected_shapes(cfg: TextConfig, encoders: Iterable = ()) -> dict[str, tuple
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     for enc in encoders:
         shapes.update({f"{enc.bundle}.{n}": tuple(p.shape) for n, p in build_encoder(enc).named_parameters()})
+        adapter = build_adapter(enc)
+        if adapter is not None:
+            shapes.update({f"{AUDIO_ADAPTER}.{n}": tuple(p.shape) for n, p in adapter.named_parameters()})
     return shapes
 
 

@@ -160,17 +160,41 @@ class EncoderConfig:
     start_token_id: int  # <start_of_image> / <start_of_audio>
     soft_token_id: int  # <image_soft_token> / <audio_soft_token>, one per soft token
     end_token_id: int  # <end_of_image> / <end_of_audio>
+    # Audio: Gemma3nAudioFeatureExtractor's keyword arguments, the front end the encoder computes in-graph.
+    feature_extractor: dict | None = None
 
     @property
     def bundle(self) -> str:
         return names.MODALITY_BUNDLES[self.modality]
 
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """Every bundle of the modality, the encoder first (names.MODALITY_PARTS)."""
+        return names.MODALITY_PARTS[self.modality]
+
+
+# Gemma3nAudioFeatureExtractor's settings a checkpoint's preprocessor_config.json may give.
+FEATURE_EXTRACTOR_KEYS = ("feature_size", "sampling_rate", "frame_length_ms", "hop_length_ms", "min_frequency",
+                          "max_frequency", "preemphasis", "preemphasis_htk_flavor", "fft_overdrive", "dither",
+                          "input_scale_factor", "mel_floor", "per_bin_mean", "per_bin_stddev")
+
+
+def audio_feature_extractor(mel_bins: int, preprocessor: dict | None = None) -> dict:
+    """The audio front end's settings: transformers' defaults (Gemma 3n's published ones), with
+    what the checkpoint's preprocessor_config.json says, if it has one."""
+    settings = {"feature_size": mel_bins}
+    settings.update({k: v for k, v in (preprocessor or {}).items() if k in FEATURE_EXTRACTOR_KEYS})
+    if settings["feature_size"] != mel_bins:
+        raise ValueError(f"preprocessor_config.json gives {settings['feature_size']} mel bins, the audio tower takes {mel_bins}")
+    return settings
+
 
 IMAGE_SIZE = 768  # transformers' Gemma 3n image processor resizes every image to 768 x 768
 
 
-def encoder_configs_from_hf(full) -> dict[str, EncoderConfig]:
-    """The vision / audio encoder configs of a transformers Gemma3nConfig."""
+def encoder_configs_from_hf(full, preprocessor: dict | None = None) -> dict[str, EncoderConfig]:
+    """The vision / audio encoder configs of a transformers Gemma3nConfig (`preprocessor`: the
+    checkpoint's preprocessor_config.json, if any)."""
     text_width = full.get_text_config().hidden_size
     # The sub-configs' transformers bookkeeping (version, label maps) is not part of the model.
     keep = lambda c: {k: v for k, v in c.to_dict().items() if k not in ("transformers_version", "id2label", "label2id", "_name_or_path", "architectures", "dtype")}
@@ -182,6 +206,7 @@ def encoder_configs_from_hf(full) -> dict[str, EncoderConfig]:
         "audio": EncoderConfig(
             "audio", keep(full.audio_config), text_width, full.audio_soft_tokens_per_image,
             full.boa_token_id, full.audio_token_id, full.eoa_token_id,
+            audio_feature_extractor(full.audio_config.input_feat_size, preprocessor),
         ),
     }
 
@@ -262,7 +287,7 @@ def tiny_multimodal_hf_config(cfg: TextConfig) -> dict:
             model_args={"channel_multiplier": 0.03125, "msfa_output_resolution": 2},
         ),
         audio_config=dict(
-            input_feat_size=32, hidden_size=32, conf_num_attention_heads=4, conf_num_hidden_layers=1,
+            input_feat_size=128, hidden_size=32, conf_num_attention_heads=4, conf_num_hidden_layers=1,
             sscp_conv_channel_size=[16, 8], conf_conv_kernel_size=3, conf_attention_chunk_size=4,
             conf_attention_context_left=5, vocab_size=m, vocab_offset=v + m,
         ),

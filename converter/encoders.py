@@ -3,13 +3,18 @@
   VisionEncoder  image [1,S,S,3] in [0,1]  ->  embeddings [1,N,H]
                  timm's MobileNet-V5 (transformers' vision tower is timm's model) + embed_vision's
                  soft-token half.
-  AudioEncoder   log-mel [1,F,M] + mask [1,F]  ->  embeddings [1,N,H], mask [1,N]
-                 transformers' USM conformer blocks + embed_audio's soft-token half.
+  AudioEncoder   frames [1,F,512] of 16 kHz samples + mask [1,F]  ->  features [1,N,D], mask [1,N]
+                 transformers' Gemma3nAudioFeatureExtractor in-graph (AudioFrontEnd), then its USM
+                 conformer blocks.
+  AudioAdapter   features [1,N,D] + mask [1,N]  ->  embeddings [1,N,H]: embed_audio's soft-token half.
+  EndOfMedia     ()  ->  [1,1,H]: the <end_of_image> / <end_of_audio> embedding, a constant.
 
-Both follow transformers' Gemma3nModel.get_image_features / get_audio_features. The audio encoder
-takes a fixed window (F frames, padded, `mask` 1 on real frames), as transformers' processor does
-(every clip becomes 188 soft tokens). Padded tokens come out with mask 0; the runner gives them
-the embedding of the last audio id, as the reference does.
+They follow transformers' Gemma3nModel.get_image_features / get_audio_features. The audio encoder
+takes a fixed window (F frames, zero-padded, `mask` 1 on real frames); a clip's tokens equal the
+reference's, and tokens past the clip come out with mask 0. g3n-run gives those the embedding of
+the last audio id, as transformers' processor layout does (188 soft tokens a clip); LiteRT-LM
+keeps only the clip's tokens. The front end in-graph is what lets LiteRT-LM (which hands the
+encoder framed samples when told to skip its own log-mel) give transformers' features.
 """
 
 from __future__ import annotations
@@ -60,7 +65,55 @@ class VisionEncoder(nn.Module):
         return self.embed(tokens * self.width**0.5)
 
 
+class AudioFrontEnd(nn.Module):
+    """transformers' Gemma3nAudioFeatureExtractor as a graph: frames [B,F,L] of 16 kHz samples
+    (frame k starts at sample k * hop) -> log-mel [B,F,M].
+
+    The extractor's HTK pre-emphasis (first sample x (1 - p), the rest differenced within the
+    frame), its periodic Hann window and the zero-padded FFT are all linear in the frame, so they
+    fold into one [L, 2 x bins] matrix (real and imaginary parts); then the magnitude, its HTK mel
+    filters, log(max(., floor)) and the optional per-bin normalisation, as the extractor does.
+    Computed in float64 and stored as float32 constants; the quantizer leaves this scope float
+    (quant/recipes.py FLOAT_SCOPES)."""
+
+    def __init__(self, extractor: dict):
+        super().__init__()
+        from transformers import Gemma3nAudioFeatureExtractor
+
+        fe = Gemma3nAudioFeatureExtractor(**extractor)
+        if not fe.preemphasis_htk_flavor or fe.dither:
+            raise ValueError("g3n builds the audio front end for the HTK pre-emphasis without dither (Gemma 3n's settings)")
+        length, p = fe.frame_length, fe.preemphasis
+        emphasis = torch.eye(length, dtype=torch.float64)  # y = x @ emphasis
+        emphasis[0, 0] = 1.0 - p
+        emphasis[torch.arange(length - 1), torch.arange(1, length)] = -p
+        n = torch.arange(length, dtype=torch.float64)[:, None]
+        k = torch.arange(fe.fft_length // 2 + 1, dtype=torch.float64)[None, :]
+        angle = 2 * math.pi * n * k / fe.fft_length
+        window = torch.from_numpy(fe.window.astype("float64"))[:, None]
+        dft = fe.input_scale_factor * emphasis @ torch.cat([window * torch.cos(angle), -window * torch.sin(angle)], dim=1)
+        self.bins = k.shape[1]
+        self.register_buffer("dft", dft.float())
+        self.register_buffer("mel_filters", torch.from_numpy(fe.mel_filters).float())
+        self.register_buffer("mel_floor", torch.tensor(float(fe.mel_floor)))
+        shift, scale = fe.per_bin_mean, fe.per_bin_stddev
+        self.register_buffer("shift", torch.zeros(()) if shift is None else torch.from_numpy(shift.reshape(-1)).float())
+        self.register_buffer("scale", torch.ones(()) if scale is None else torch.from_numpy(scale.reshape(-1)).float())
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        spectrum = torch.matmul(frames, self.dft)
+        real, imag = spectrum[..., : self.bins], spectrum[..., self.bins:]
+        magnitude = torch.sqrt(real * real + imag * imag)
+        mel = torch.matmul(magnitude, self.mel_filters)
+        return (torch.log(torch.maximum(mel, self.mel_floor)) - self.shift) / self.scale
+
+
 class AudioEncoder(nn.Module):
+    """Framed samples [B,F,L] + mask [B,F] (uint8, 1 = a frame of the clip) -> features [B,N,D]
+    (the conformer's output, every reduction-th frame) + mask [B,N] (uint8, 1 = a token of the clip).
+    The soft-token projection is the AudioAdapter, a bundle of its own: LiteRT-LM runs the two as
+    its audio encoder and adapter."""
+
     # The relative-position projection runs on a constant timing signal: the converter folds it.
     CONSTANT_FOLDED_WEIGHTS = ("relative_position_embedding.pos_proj",)
 
@@ -71,18 +124,17 @@ class AudioEncoder(nn.Module):
 
         self.soft_tokens = cfg.soft_tokens
         self.config = Gemma3nAudioConfig(**cfg.hf_config)
+        self.front = AudioFrontEnd(cfg.feature_extractor)
         self.tower = Gemma3nAudioEncoder(self.config)
         ExportableAudioAttention = _exportable_audio_attention()
         for module in self.tower.modules():
             if isinstance(module, Gemma3nAudioAttention):
                 module.__class__ = ExportableAudioAttention
-        self.embed = SoftTokenEmbedder(self.config.hidden_size, cfg.text_width, self.config.rms_norm_eps)
 
-    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """features [B,F,M] log-mel, mask [B,F] int32 (1 = real frame) -> embeddings [B,N,H], mask [B,N]."""
-        valid = mask > 0
+    def forward(self, audio: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        valid = mask.to(torch.int32) > 0  # TFLite compares no uint8
         sscp = self.tower.subsample_conv_projection
-        x = features.unsqueeze(1)  # [B,1,F,M]
+        x = self.front(audio).unsqueeze(1)  # [B,1,F,M]
         for conv in (sscp.conv_0, sscp.conv_1):
             x = conv(x)  # [B,C,T,F'] with T halved
             valid = valid[:, :: conv.conv.stride[0]]
@@ -96,8 +148,33 @@ class AudioEncoder(nn.Module):
             x = block(x, padded)
         step = self.config.conf_reduction_factor
         x, valid = x[:, ::step], valid[:, ::step]
-        x = x * valid[..., None].to(x.dtype)
-        return self.embed(x), valid.to(torch.int32)
+        return x * valid[..., None].to(x.dtype), valid.to(torch.uint8)
+
+
+class AudioAdapter(nn.Module):
+    """The audio encoder's features [B,N,D] + mask [B,N] -> soft-token embeddings [B,N,H]:
+    embed_audio's soft-token half. Tokens past the clip come out zero."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        hf = cfg.hf_config
+        self.soft_tokens = cfg.soft_tokens
+        self.embed = SoftTokenEmbedder(hf["hidden_size"], cfg.text_width, hf["rms_norm_eps"])
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.embed(features) * (mask.to(torch.int32) > 0)[..., None].to(features.dtype)
+
+
+class EndOfMedia(nn.Module):
+    """No input -> the [1,1,H] embedding of <end_of_image> / <end_of_audio>, as the token embedder
+    gives it: the constant LiteRT-LM writes after an image's or a clip's soft tokens."""
+
+    def __init__(self, value: torch.Tensor):
+        super().__init__()
+        self.register_buffer("value", value.reshape(1, 1, -1).float())
+
+    def forward(self) -> torch.Tensor:
+        return self.value * 1.0  # something to trace; the converter folds it back into the constant
 
 
 def _exportable_audio_attention():
@@ -141,6 +218,20 @@ def parameters_on_meta():
 def build_encoder(cfg: EncoderConfig) -> nn.Module:
     with parameters_on_meta():
         return ENCODER_MODULES[cfg.modality](cfg)
+
+
+def build_adapter(cfg: EncoderConfig) -> nn.Module | None:
+    """The modality's adapter (audio), or None (the vision encoder projects in the same model)."""
+    if cfg.modality != "audio":
+        return None
+    with parameters_on_meta():
+        return AudioAdapter(cfg)
+
+
+def end_of_media(cfg: EncoderConfig, hard_embedder: nn.Module) -> EndOfMedia:
+    """The end token's embedding, computed by the modality's hard-token embedder (materialised)."""
+    with torch.no_grad():
+        return EndOfMedia(hard_embedder(torch.tensor([[cfg.end_token_id]])))
 
 
 def encoder_frames(cfg: EncoderConfig) -> int:

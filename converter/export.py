@@ -9,8 +9,10 @@
   ple.tflite        prefill_per_layer_embedder_<N> / decode_per_layer_embedder:
                                  token_ids [1,N] i32 -> embeddings [1,N,L,P]
   vision_encoder.tflite  vision_encoder: images [1,S,S,3] f32 in [0,1] -> embeddings [1,256,H]
-  audio_encoder.tflite   audio_encoder: features [1,F,M] f32 log-mel, mask [1,F] i32 (1 = real frame)
-                                 -> embeddings [1,188,H], mask [1,188] i32 (1 = a soft token of the clip)
+  audio_encoder.tflite   audio_encoder: audio [1,F,512] f32 framed 16 kHz samples, mask [1,F] u8 (1 = real frame)
+                                 -> features [1,188,D], mask [1,188] u8 (1 = a token of the clip)
+  audio_adapter.tflite   audio_adapter: features [1,188,D], mask [1,188] u8 -> embeddings [1,188,H]
+  end_of_vision.tflite / end_of_audio.tflite   end_of_vision / end_of_audio: no input -> embeddings [1,1,H]
 
 Prefill writes the cache only (no lm_head over the whole prompt); a runner prefills all but the
 last prompt token and decodes the last one to get the first logits, as LiteRT-LM does.
@@ -34,7 +36,7 @@ from bundle.errors import ExportError
 from bundle.files import atomic_path
 from bundle.manifest import AudioInput, EncoderEntry, ImageInput, Signature, TensorSpec
 from converter.config import IMAGE_SIZE, EncoderConfig, TextConfig
-from converter.encoders import build_encoder, encoder_frames
+from converter.encoders import build_adapter, build_encoder, encoder_frames
 from converter.model import PerLayerEmbedder, TextDecoder, TokenEmbedder, empty_kv_cache, ring_length
 
 
@@ -84,34 +86,73 @@ class AudioSignature(nn.Module):
         super().__init__()
         self.module = module
 
+    def forward(self, audio, mask):
+        features, valid = self.module(audio, mask)
+        return {names.FEATURES: features, names.MASK: valid}
+
+
+class AdapterSignature(nn.Module):
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
     def forward(self, features, mask):
-        embeddings, valid = self.module(features, mask)
-        return {names.EMBEDDINGS: embeddings, names.MASK: valid}
+        return {names.EMBEDDINGS: self.module(features, mask)}
+
+
+class ConstantSignature(nn.Module):
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self):
+        return {names.EMBEDDINGS: self.module()}
 
 
 SIGNATURE_WRAPPERS = {names.EMBEDDER: TokenIdsSignature, names.PLE: TokenIdsSignature,
-                      names.VISION_ENCODER: VisionSignature, names.AUDIO_ENCODER: AudioSignature}
+                      names.VISION_ENCODER: VisionSignature, names.AUDIO_ENCODER: AudioSignature,
+                      names.AUDIO_ADAPTER: AdapterSignature, names.END_OF_VISION: ConstantSignature,
+                      names.END_OF_AUDIO: ConstantSignature}
 
 
-def encoder_inputs(enc: EncoderConfig) -> dict[str, torch.Tensor]:
-    if enc.modality == "vision":
+def audio_framing(enc: EncoderConfig) -> tuple[int, int, int]:
+    """(frame length, hop, sample rate) of the audio front end, in samples."""
+    from transformers import Gemma3nAudioFeatureExtractor
+
+    fe = Gemma3nAudioFeatureExtractor(**enc.feature_extractor)
+    return fe.frame_length, fe.hop_length, fe.sampling_rate
+
+
+def media_inputs(enc: EncoderConfig, bundle: str) -> dict[str, torch.Tensor]:
+    """Sample inputs of one of the modality's bundles (names.MODALITY_PARTS)."""
+    if bundle == names.VISION_ENCODER:
         return {names.IMAGES: torch.zeros(1, IMAGE_SIZE, IMAGE_SIZE, 3)}
-    frames = encoder_frames(enc)
-    return {names.FEATURES: torch.zeros(1, frames, enc.hf_config["input_feat_size"]),
-            names.MASK: torch.ones(1, frames, dtype=torch.int32)}
+    if bundle == names.AUDIO_ENCODER:
+        frames = encoder_frames(enc)
+        return {names.AUDIO: torch.zeros(1, frames, audio_framing(enc)[0]),
+                names.MASK: torch.ones(1, frames, dtype=torch.uint8)}
+    if bundle == names.AUDIO_ADAPTER:
+        return {names.FEATURES: torch.zeros(1, enc.soft_tokens, enc.hf_config["hidden_size"]),
+                names.MASK: torch.ones(1, enc.soft_tokens, dtype=torch.uint8)}
+    return {}  # end_of_vision / end_of_audio
 
 
-def encoder_manifest(enc: EncoderConfig) -> EncoderEntry:
-    """What a runner needs to feed an encoder and place its soft tokens (manifest "encoders")."""
+def encoder_manifest(enc: EncoderConfig, bundles) -> EncoderEntry:
+    """What a runner needs to feed an encoder and place its soft tokens (manifest "encoders");
+    `bundles`: the bundles converted, of which the modality's companions are named."""
     image = audio = None
     if enc.modality == "vision":
         image = ImageInput(size=IMAGE_SIZE, layout="NHWC RGB", range=(0.0, 1.0), resize="bilinear")
     else:
-        audio = AudioInput(frames=encoder_frames(enc), mel_bins=enc.hf_config["input_feat_size"],
-                           sample_rate=16000, frame_ms=32.0, hop_ms=10.0)
+        frame_length, hop_length, rate = audio_framing(enc)
+        audio = AudioInput(frames=encoder_frames(enc), frame_length=frame_length, hop_length=hop_length,
+                           sample_rate=rate, mel_bins=enc.hf_config["input_feat_size"])
+    adapter = names.AUDIO_ADAPTER if enc.modality == "audio" else None
+    end = enc.parts[-1]
     return EncoderEntry(bundle=enc.bundle, soft_tokens=enc.soft_tokens, start_token_id=enc.start_token_id,
                         soft_token_id=enc.soft_token_id, end_token_id=enc.end_token_id, config=enc.hf_config,
-                        image=image, audio=audio)
+                        image=image, audio=audio, adapter=adapter if adapter in bundles else None,
+                        end_of_media=end if end in bundles else None)
 
 
 def text_core_inputs(cfg: TextConfig, length: int, cache_length: int, ring: int | None = None) -> dict[str, torch.Tensor]:
@@ -179,12 +220,16 @@ def text_bundle_plans(cfg: TextConfig, prefill_lengths: tuple[int, ...], cache_l
     ]
 
 
-def encoder_bundle_plan(enc: EncoderConfig) -> BundlePlan:
-    return BundlePlan(enc.bundle, f"{enc.bundle}.", ((names.encoder_signature(enc.bundle), False, encoder_inputs(enc)),), enc)
+def media_bundle_plans(enc: EncoderConfig) -> list[BundlePlan]:
+    """The modality's bundles: its encoder, the audio adapter, the end token's embedding."""
+    return [BundlePlan(b, f"{b}.", ((names.encoder_signature(b), False, media_inputs(enc, b)),), enc) for b in enc.parts]
 
 
 def build_module(plan: BundlePlan, cfg: TextConfig) -> nn.Module:
-    """The bundle's PyTorch module with its parameters on the meta device (no memory until materialised)."""
+    """The bundle's PyTorch module with its parameters on the meta device (no memory until
+    materialised). Not for end_of_vision / end_of_audio: converter/encoders.py end_of_media."""
+    if plan.name == names.AUDIO_ADAPTER:
+        return build_adapter(plan.encoder)
     if plan.encoder is not None:
         return build_encoder(plan.encoder)
     cls = {names.EMBEDDER: TokenEmbedder, names.PLE: PerLayerEmbedder, names.TEXT_CORE: TextDecoder}[plan.name]
@@ -194,12 +239,13 @@ def build_module(plan: BundlePlan, cfg: TextConfig) -> nn.Module:
 
 def output_specs(bundle: str, sample: dict[str, torch.Tensor], logits: bool, module: nn.Module) -> dict[str, TensorSpec]:
     """Output names, shapes and dtypes of one signature, derived without running the model."""
-    if bundle in names.ENCODER_BUNDLES:
-        tokens, width = module.soft_tokens, module.embed.embedding_projection.out_features
-        out = {names.EMBEDDINGS: TensorSpec((1, tokens, width), "float32")}
-        if bundle == names.AUDIO_ENCODER:
-            out[names.MASK] = TensorSpec((1, tokens), "int32")
-        return out
+    if bundle == names.AUDIO_ENCODER:
+        tokens, width = module.soft_tokens, module.config.hidden_size
+        return {names.FEATURES: TensorSpec((1, tokens, width), "float32"), names.MASK: TensorSpec((1, tokens), "uint8")}
+    if bundle in names.MEDIA_BUNDLES:
+        tokens = getattr(module, "soft_tokens", 1)
+        width = module.value.shape[-1] if bundle in (names.END_OF_VISION, names.END_OF_AUDIO) else module.embed.embedding_projection.out_features
+        return {names.EMBEDDINGS: TensorSpec((1, tokens, width), "float32")}
     if bundle == names.TEXT_CORE:
         out = {k: _tensor_spec(v) for k, v in sample.items() if k.startswith(names.KV_CACHE_PREFIX)}
         if logits:

@@ -2,11 +2,20 @@
 Android apps built on it (AI Edge Gallery, LiteRT-LM's Kotlin / C++ API) load.
 
 Sections, in LiteRT-LM's model types: text_core as `tf_lite_prefill_decode`, the token embedder
-as `tf_lite_embedder`, the per-layer-embedding table as `tf_lite_per_layer_embedder`, the vision
-encoder (when the folder has one) as `tf_lite_vision_encoder`, the SentencePiece tokenizer, an
-LlmMetadata (model type Gemma3N with its image tokens and size, start / stop tokens, the Gemma chat
-format, max_num_tokens), and g3n's own manifest section (bundle/litertlm.py), which records each
+as `tf_lite_embedder`, the per-layer-embedding table as `tf_lite_per_layer_embedder`; when the
+folder has them, the vision encoder as `tf_lite_vision_encoder` with `end_of_vision` as
+`tf_lite_end_of_vision`, and the audio encoder, adapter and `end_of_audio` as
+`tf_lite_audio_encoder_hw`, `tf_lite_audio_adapter` and `tf_lite_end_of_audio`; the SentencePiece
+tokenizer; an LlmMetadata; and g3n's own manifest section (bundle/litertlm.py), which records each
 section's sha256 so `g3n-convert verify FILE.litertlm` and a device can check the file.
+
+The LlmMetadata declares a generic multimodal model rather than LiteRT-LM's Gemma3N type. The
+Gemma3N type fixes LiteRT-LM's own log-mel front end (USM's: another window, filterbank, floor
+and a per-bin normalisation than transformers' extractor) and leaves `<end_of_image>` out of the
+prompt. The generic type lets the file say what transformers' Gemma3nProcessor does: hand the
+audio encoder framed samples (skip_mel_spectrogram_extraction; g3n's encoder computes
+transformers' log-mel in-graph), and lay media out as "\n\n<start_of_X>" + soft tokens +
+<end_of_X> + "\n\n", the end embedding coming from the end_of_* section.
 
 Every section is a byte-for-byte copy of a file the folder's manifest lists (or, for the two
 metadata sections, bytes g3n writes here), so a section's sha256 is the file's.
@@ -15,6 +24,7 @@ metadata sections, bytes g3n writes here), so a section's sha256 is the file's.
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from pathlib import Path
 
@@ -35,20 +45,25 @@ TURN_SUFFIX = "<end_of_turn>\n"
 
 # Bundles packed as models, by LiteRT-LM model type (litert-lm-builder's TfLiteModelType), in
 # section order. The vision encoder is one model, image [1,S,S,3] in [0,1] -> soft-token
-# embeddings [1,N,H]: with no adapter, LiteRT-LM writes its single output straight into
-# `embeddings`. The audio encoder is not packed: LiteRT-LM computes its own log-mel features
-# (another front end than transformers') and wants encoder + adapter models.
+# embeddings [1,N,H]: with no vision adapter, LiteRT-LM writes its output straight into
+# `embeddings`. The audio encoder (framed samples -> features + mask) and adapter (-> embeddings)
+# are LiteRT-LM's static (non-streaming) audio pair; LiteRT-LM keeps a clip's valid tokens only.
 MODEL_SECTIONS = {
     names.TEXT_CORE: "PREFILL_DECODE",
     names.EMBEDDER: "EMBEDDER",
     names.PLE: "PER_LAYER_EMBEDDER",
     names.VISION_ENCODER: "VISION_ENCODER",
+    names.END_OF_VISION: "END_OF_VISION",
+    names.AUDIO_ENCODER: "AUDIO_ENCODER_HW",
+    names.AUDIO_ADAPTER: "AUDIO_ADAPTER",
+    names.END_OF_AUDIO: "END_OF_AUDIO",
 }
+MEDIA_AFFIX = "\n\n"  # before <start_of_X> and after <end_of_X>, as transformers' Gemma3nProcessor writes
 
 
 def llm_metadata(manifest: Manifest, tokenizer: Path):
     """LiteRT-LM's LlmMetadata for a g3n bundle; `tokenizer` names the media marker pieces (LiteRT-LM
-    takes Gemma3N's image tokens as strings)."""
+    takes media tokens as strings)."""
     import sentencepiece as spm
     from litert_lm_builder.runtime.proto import llm_metadata_pb2
 
@@ -58,14 +73,37 @@ def llm_metadata(manifest: Manifest, tokenizer: Path):
     for token in config["eos_token_ids"]:
         metadata.stop_tokens.add().token_ids.ids.append(token)
     metadata.max_num_tokens = int(manifest.cache_length)  # the text core's static KV cache
-    gemma3n = metadata.llm_model_type.gemma3n
-    gemma3n.SetInParent()
+    model = metadata.llm_model_type.generic_model
+    model.SetInParent()
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
+    starts = []
     vision = manifest.encoders.get("vision")
-    if vision is not None and vision.bundle in manifest.bundles:
-        sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
-        gemma3n.start_of_image_token.token_str = sp.id_to_piece(vision.start_token_id)
-        gemma3n.end_of_image_token.token_str = sp.id_to_piece(vision.end_token_id)
-        gemma3n.image_tensor_height = gemma3n.image_tensor_width = vision.image.size
+    if vision is not None and vision.end_of_media is not None:
+        model.image_enabled = True
+        start = sp.id_to_piece(vision.start_token_id)
+        model.start_of_image_token.token_str = start
+        model.end_of_image_token.token_str = sp.id_to_piece(vision.end_token_id)
+        model.image_token_regex = f"({re.escape(start)})"
+        model.image_tensor_height = model.image_tensor_width = vision.image.size
+        model.image_prefix = model.image_suffix = MEDIA_AFFIX
+        model.add_image_end = True
+        starts.append(start)
+    audio = manifest.encoders.get("audio")
+    if audio is not None and audio.adapter is not None and audio.end_of_media is not None:
+        model.audio_enabled = True
+        start = sp.id_to_piece(audio.start_token_id)
+        model.start_of_audio_token.token_str = start
+        model.end_of_audio_token.token_str = sp.id_to_piece(audio.end_token_id)
+        model.audio_token_regex = f"({re.escape(start)})"
+        model.skip_mel_spectrogram_extraction = True  # the encoder takes frames: transformers' log-mel in-graph
+        model.audio_sample_rate_hz = audio.audio.sample_rate
+        model.audio_frame_length = audio.audio.frame_length
+        model.audio_hop_length = audio.audio.hop_length
+        model.audio_prefix = model.audio_suffix = MEDIA_AFFIX
+        model.add_audio_end = True
+        starts.append(start)
+    if starts:  # LiteRT-LM's template writes a media item as its start marker; the prompt is split there
+        model.delimiter_regex = f"({'|'.join(re.escape(s) for s in starts)})"
     for role, template in (("user", metadata.prompt_templates.user), ("model", metadata.prompt_templates.model)):
         template.prefix = TURN_PREFIX.format(role=role)
         template.suffix = TURN_SUFFIX

@@ -21,20 +21,23 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from bundle import names
-from bundle.errors import CheckpointError, G3nError, QualityError
+from bundle.errors import CheckpointError, G3nError, QualityError, read_json_object
 from bundle.files import atomic_path, folder_lock
 from bundle.manifest import BundleEntry, Manifest, Mask, MatformerEntry, Source, file_entry, prepare_output_dir, write_manifest
 from converter import __version__
-from converter.checkpoint import RandomWeights, SafetensorsCheckpoint, expected_shapes
+from converter.checkpoint import RandomWeights, SafetensorsCheckpoint, expected_shapes, materialize
 from converter.config import VARIANTS, EncoderConfig, TextConfig, encoder_configs_from_hf, load_hf_config, variant_config, variant_encoders
-from converter.export import (build_module, convert_to_tflite, encoder_bundle_plan, encoder_manifest, sliding_cache_length,
+from converter.export import (build_module, convert_to_tflite, encoder_manifest, media_bundle_plans, sliding_cache_length,
                               text_bundle_plans)
+from converter.encoders import end_of_media
 from converter.matformer import MatformerSlice, SlicedWeights, load_matformer
 from converter.standins import materialize_with_standins
 from quant.recipes import BLOCK_SIZES, SCHEMES, bundle_scheme, plan_quantization
 from quant.streaming import write_bundle
 
-WORK_DIR = ".g3n-work"  # converted graphs before their weights are written; float originals for the quality report
+PREPROCESSOR_CONFIG = "preprocessor_config.json"  # a checkpoint's feature-extractor settings (the audio front end)
+WORK_DIR = ".g3n-work"
+END_OF_MEDIA = (names.END_OF_VISION, names.END_OF_AUDIO)  # converted graphs before their weights are written; float originals for the quality report
 
 
 @dataclass
@@ -95,7 +98,13 @@ def resolve_encoders(cfg: TextConfig, checkpoint: Path | None) -> dict[str, Enco
         return {}
     from transformers import Gemma3nConfig
 
-    return encoder_configs_from_hf(Gemma3nConfig.from_dict(hf))
+    preprocessor = None
+    if (checkpoint / PREPROCESSOR_CONFIG).is_file():
+        preprocessor = read_json_object(checkpoint / PREPROCESSOR_CONFIG, CheckpointError, "it is not valid JSON")
+    try:
+        return encoder_configs_from_hf(Gemma3nConfig.from_dict(hf), preprocessor)
+    except ValueError as exc:
+        raise CheckpointError(f"{checkpoint}: {exc}") from exc
 
 
 def choose_bundles(opts: ConvertOptions, encoders: dict[str, EncoderConfig]) -> tuple[str, ...]:
@@ -143,14 +152,15 @@ def check_quant_options(opts: ConvertOptions) -> dict[str, str]:
             raise G3nError(f"unknown quantization scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
     if opts.block_size not in BLOCK_SIZES:
         raise G3nError(f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))}")
-    return {b: bundle_scheme(b, opts.quant, opts.quant_overrides) for b in (opts.bundles or names.ALL_BUNDLES)}
+    return {b: bundle_scheme(b, opts.quant, opts.quant_overrides) for b in names.ALL_BUNDLES}
 
 
 def convert(opts: ConvertOptions, on_stage: Callable[[str], None] = lambda s: None) -> dict:
     """Convert and write the bundle folder; returns the manifest as written (its JSON object)."""
-    unknown = set(opts.bundles or ()) - set(names.ALL_BUNDLES)
+    choosable = names.TEXT_BUNDLES + names.ENCODER_BUNDLES  # an encoder brings its companions (names.MODALITY_PARTS)
+    unknown = set(opts.bundles or ()) - set(choosable)
     if unknown:
-        raise G3nError(f"unknown bundle(s) {', '.join(sorted(unknown))}; choose from {', '.join(names.ALL_BUNDLES)}")
+        raise G3nError(f"unknown bundle(s) {', '.join(sorted(unknown))}; choose from {', '.join(choosable)}")
     schemes = check_quant_options(opts)
 
     started = time.perf_counter()
@@ -173,7 +183,7 @@ def convert(opts: ConvertOptions, on_stage: Callable[[str], None] = lambda s: No
     if tokenizer is not None:
         check_tokenizer(tokenizer, cfg)
     plans = [p for p in text_bundle_plans(cfg, opts.prefill_lengths, opts.cache_length, opts.sliding_ring) if p.name in wanted]
-    plans += [encoder_bundle_plan(enc) for enc in encoders.values()]
+    plans += [plan for enc in encoders.values() for plan in media_bundle_plans(enc)]
 
     out = Path(opts.out)
     with folder_lock(out, "g3n-convert run"):  # one writer per folder; stale partial files removed
@@ -185,8 +195,12 @@ def convert(opts: ConvertOptions, on_stage: Callable[[str], None] = lambda s: No
         try:
             for plan in plans:
                 on_stage(f"{plan.name}: loading weights")
-                module, standins = materialize_with_standins(build_module(plan, cfg), plan.weights_prefix, source)
-                params = sum(math.prod(shapes[plan.weights_prefix + name]) for name, _ in module.named_parameters())
+                if plan.name in END_OF_MEDIA:  # a constant, computed here from the hard-token embedder
+                    module, standins = end_of_media(plan.encoder, hard_token_embedder(cfg, plan.encoder.modality, source)), {}
+                    params = module.value.numel()
+                else:
+                    module, standins = materialize_with_standins(build_module(plan, cfg), plan.weights_prefix, source)
+                    params = sum(math.prod(shapes[plan.weights_prefix + name]) for name, _ in module.named_parameters())
                 quant = plan_quantization(plan.name, schemes[plan.name], opts.block_size, module)
                 on_stage(f"{plan.name}: converting with litert-torch ({len(plan.signatures)} signatures)")
                 work.mkdir(exist_ok=True)
@@ -244,7 +258,7 @@ def convert(opts: ConvertOptions, on_stage: Callable[[str], None] = lambda s: No
                 mask=Mask(attend=names.MASK_ATTEND, blocked=names.MASK_BLOCKED,
                           note="full-attention mask; sliding layers narrow it in-graph"),
                 bundles=bundles,
-                encoders={m: encoder_manifest(e) for m, e in encoders.items()},
+                encoders={m: encoder_manifest(e, bundles) for m, e in encoders.items()},
                 files=files,
                 matformer=MatformerEntry(**matformer.to_manifest()) if matformer is not None else None,
             )
@@ -268,6 +282,19 @@ def convert(opts: ConvertOptions, on_stage: Callable[[str], None] = lambda s: No
         on_stage(f"writing {names.MANIFEST}")
         write_manifest(out, manifest)
         return manifest.to_dict()
+
+
+def hard_token_embedder(cfg: TextConfig, modality: str, source):
+    """The token embedder's half for `modality`'s special ids (embed_vision / embed_audio), with
+    its weights: what gives <end_of_image> / <end_of_audio> their embedding."""
+    import torch
+
+    from converter.model import HardTokenEmbedder
+
+    tokens = cfg.vision_tokens if modality == "vision" else cfg.audio_tokens
+    with torch.device("meta"):
+        module = HardTokenEmbedder(tokens, cfg.hidden_size)
+    return materialize(module, f"{names.EMBEDDER}.embed_{modality}.", source)
 
 
 def physical_memory() -> int:

@@ -64,6 +64,8 @@ THRESHOLDS: dict[tuple[str, str], dict[str, Threshold]] = {
     (names.AUDIO_ENCODER, "int8"): {"cosine": Threshold(0.98, "int8 rounding compounds through the conformer's layers")},
     (names.VISION_ENCODER, "int4"): {"cosine": Threshold(0.9, "int4 projections on top of int8 convolutions")},
     (names.AUDIO_ENCODER, "int4"): {"cosine": Threshold(0.9, "int4 rounding in every conformer projection")},
+    (names.AUDIO_ADAPTER, "int8"): {"cosine": Threshold(0.999, "one int8 projection between two RMSNorms")},
+    (names.AUDIO_ADAPTER, "int4"): {"cosine": Threshold(0.98, "one int4 projection between two RMSNorms")},
     ("text_path", "int8"): {
         "top1_agreement": Threshold(0.9, "int8 rarely changes the argmax except between near-tied tokens"),
         "mean_kl": Threshold(0.05, "nats; int8 noise moves the distribution only slightly", higher_is_better=False),
@@ -115,28 +117,43 @@ def token_bundle_cosine(float_path: Path, quant_path: Path, bundle: str, prompts
 
 def encoder_inputs(entry: EncoderEntry) -> dict[str, np.ndarray]:
     """Fixed inputs for an encoder bundle (manifest "encoders" entry): a seeded random image; a
-    seeded 3-second chirp in noise through the log-mel front end."""
-    from runtime.media import audio_window, log_mel
+    seeded 3-second chirp in noise, framed for the audio encoder."""
+    from runtime.media import audio_window, frame_clip
 
     rng = np.random.default_rng(RANDOM_PROMPT_SEED)
     if entry.image is not None:
         size = entry.image.size
         return {names.IMAGES: rng.random((1, size, size, 3), dtype=np.float32)}
-    t = np.arange(3 * 16000) / 16000
+    audio = entry.audio
+    t = np.arange(3 * audio.sample_rate) / audio.sample_rate
     clip = 0.4 * np.sin(2 * np.pi * (200 + 600 * t) * t) + 0.05 * rng.standard_normal(t.size)
-    return audio_window(log_mel(clip.astype(np.float32), entry.audio.mel_bins), entry.audio.frames)
+    return audio_window(frame_clip(clip.astype(np.float32), audio.frame_length, audio.hop_length), audio.frames)
 
 
-def encoder_cosine(float_path: Path, quant_path: Path, entry: EncoderEntry) -> float:
-    """Cosine of an encoder's soft tokens (the clip's real ones for audio), quantized vs float."""
+def media_cosines(float_files: dict[str, Path], folder: Path, manifest: Manifest, entry: EncoderEntry) -> dict[str, float]:
+    """Cosine of each quantized bundle of a modality against its float original, on the same
+    inputs: the encoder's output (the clip's real tokens for audio); the audio adapter's
+    embeddings from the float encoder's features, so each bundle is scored on its own."""
     from runtime.engine import EncoderEngine
 
+    def run(path: Path, bundle: str, inputs: dict) -> dict:
+        return EncoderEngine(path, names.encoder_signature(bundle))(**inputs)
+
+    scores = {}
     inputs = encoder_inputs(entry)
-    signature = names.encoder_signature(entry.bundle)
-    ref = EncoderEngine(float_path, signature)(**inputs)
-    got = EncoderEngine(quant_path, signature)(**inputs)
+    encoder_file = folder / manifest.bundles[entry.bundle].file
+    ref = run(float_files.get(entry.bundle, encoder_file), entry.bundle, inputs)
     keep = ref[names.MASK][0] > 0 if names.MASK in ref else slice(None)
-    return cosine(ref[names.EMBEDDINGS][0][keep], got[names.EMBEDDINGS][0][keep])
+    output = names.FEATURES if entry.adapter else names.EMBEDDINGS
+    if entry.bundle in float_files:
+        got = run(encoder_file, entry.bundle, inputs)
+        scores[entry.bundle] = cosine(ref[output][0][keep], got[output][0][keep])
+    if entry.adapter in float_files:
+        features = {names.FEATURES: ref[names.FEATURES], names.MASK: ref[names.MASK]}
+        a = run(float_files[entry.adapter], entry.adapter, features)[names.EMBEDDINGS][0][keep]
+        b = run(folder / manifest.bundles[entry.adapter].file, entry.adapter, features)[names.EMBEDDINGS][0][keep]
+        scores[entry.adapter] = cosine(a, b)
+    return scores
 
 
 def teacher_forced_logits(engine, prompts: list[list[int]]) -> np.ndarray:
@@ -196,9 +213,8 @@ def quality_report(folder: Path, manifest: Manifest, float_files: dict[str, Path
             results[name] = {"cosine": round(token_bundle_cosine(float_files[name], folder / bundles[name].file, name, prompts), 5)}
 
     for entry in manifest.encoders.values():
-        name = entry.bundle
-        if name in float_files:
-            results[name] = {"cosine": round(encoder_cosine(float_files[name], folder / bundles[name].file, entry), 5)}
+        for name, score in media_cosines(float_files, folder, manifest, entry).items():
+            results[name] = {"cosine": round(score, 5)}
 
     unscored = dict(unscored or {})
     if all(name in bundles for name in names.TEXT_BUNDLES) and unscored:

@@ -37,15 +37,29 @@ BUNDLE_OPS = {
     names.TEXT_CORE: ("FULLY_CONNECTED",),
     names.VISION_ENCODER: ("CONV_2D", "FULLY_CONNECTED"),  # MobileNet-V5's weights are mostly 1x1 convolutions
     names.AUDIO_ENCODER: ("FULLY_CONNECTED",),  # the conformer's projections and feed-forwards
+    names.AUDIO_ADAPTER: ("FULLY_CONNECTED",),  # embed_audio's projection
+    names.END_OF_VISION: (),  # a constant embedding
+    names.END_OF_AUDIO: (),
 }
+
+# Op scopes (output tensor names, as ai-edge-quantizer matches them) whose weights stay float
+# under any scheme: the audio front end's DFT and mel matrices are transformers' feature
+# extractor, exact constants rather than learned weights.
+FLOAT_SCOPES = {names.AUDIO_ENCODER: ("AudioFrontEnd",)}
+
+# A companion bundle takes its encoder's scheme (--quant-audio covers the adapter too).
+SCHEME_OWNER = {names.AUDIO_ADAPTER: names.AUDIO_ENCODER}
 
 
 def bundle_scheme(bundle: str, default: str, overrides: dict[str, str] | None = None) -> str:
     """The scheme a bundle gets: its own override, else the default (int4 -> int8 for the conv /
-    conformer encoders, which int4 costs too much)."""
-    if overrides and overrides.get(bundle):
-        return overrides[bundle]
-    if bundle in names.ENCODER_BUNDLES and default == "int4":
+    conformer encoders, which int4 costs too much). The end-of-media constants stay float."""
+    if not BUNDLE_OPS[bundle]:
+        return "none"
+    owner = SCHEME_OWNER.get(bundle, bundle)
+    if overrides and overrides.get(owner):
+        return overrides[owner]
+    if owner in names.ENCODER_BUNDLES and default == "int4":
         return "int8"
     return default
 
@@ -86,11 +100,22 @@ class BundleQuant:
                 return 4, block
         return 8, None  # int8, or an int4 layer / table whose width the block does not divide
 
+    @property
+    def float_scopes(self) -> tuple[str, ...]:
+        return FLOAT_SCOPES.get(self.bundle, ())
+
+    def keeps_float(self, scope: str) -> bool:
+        """Whether the op with this scope (its output tensor names) keeps a float weight."""
+        return any(re.search(pattern, scope) for pattern in self.float_scopes)
+
     def recipe(self) -> list[dict]:
         if self.scheme == "none":
             return []
+        # Later rules win in ai-edge-quantizer: the float scopes come last.
+        keep_float = [{"regex": pattern, "operation": "*", "algorithm_key": "no_quantize", "op_config": {}}
+                      for pattern in self.float_scopes]
         if self.scheme == "int8":
-            return [_weight_rule(op, 8, "CHANNELWISE") for op in BUNDLE_OPS[self.bundle]]
+            return [_weight_rule(op, 8, "CHANNELWISE") for op in BUNDLE_OPS[self.bundle]] + keep_float
         rules = []
         for op in BUNDLE_OPS[self.bundle]:
             block = self.table_block_size if op == "EMBEDDING_LOOKUP" else None if op == "CONV_2D" else self.block_size
@@ -100,7 +125,7 @@ class BundleQuant:
             _weight_rule("FULLY_CONNECTED", 8, "CHANNELWISE", rf"Linear_{re.escape(name)}(?![A-Za-z0-9_])")
             for name in self.int8_linears
         ]
-        return rules
+        return rules + keep_float
 
     def to_manifest(self) -> dict:
         if self.scheme == "none":

@@ -256,6 +256,7 @@ def write_bundle(src: Path, dst: Path, plan: BundleQuant, standins: dict | None 
     for subgraph in model.subgraphs:
         for op in subgraph.operators:
             kind = op_names[op.opcodeIndex]
+            scope = ";".join(subgraph.tensors[i].name.decode() for i in op.outputs if i >= 0)
             for position, tensor_index in enumerate(op.inputs):
                 if tensor_index < 0:
                     continue
@@ -268,6 +269,8 @@ def write_bundle(src: Path, dst: Path, plan: BundleQuant, standins: dict | None 
                     tensor.shape = list(weight.shape)  # a table was converted with fewer rows
                 rank = 4 if kind == "CONV_2D" else 2  # a convolution's filter: [out, h, w, in]
                 if not is_weight or kind not in quantized_ops or tensor.type != schema.TensorType.FLOAT32 or len(tensor.shape) != rank:
+                    continue
+                if plan.keeps_float(scope):
                     continue
                 if weight is None and model.buffers[tensor.buffer].data is None:
                     continue  # an activation, e.g. attention's matmul lowered to FULLY_CONNECTED

@@ -4,13 +4,11 @@ Image: RGB, resized to S x S (bilinear, as transformers' Gemma 3n image processo
 [0, 1], no mean / std normalisation: [1, S, S, 3] float32.
 
 Audio: a WAV file (PCM 8/16/24/32-bit or float 32/64-bit, 1 to 384 kHz, mono or mixed down), cut
-to the encoder's window at its own rate, then resampled to 16 kHz,
-then the log-mel front end of transformers' Gemma3nAudioFeatureExtractor (32 ms Hann frames every
-10 ms, HTK pre-emphasis 0.97, FFT 1024, mel 125-7600 Hz, log(max(x, 1e-5))), tests/test_media.py
-checks it against that class. The extractor pads the waveform to a multiple of 128 samples and
-may mark the last frame as padding; that frame is dropped, since the encoder treats the window
-after the last real frame as empty. Clips longer than the encoder's window (30 s) are cut, as the
-extractor cuts them.
+to the encoder's window at its own rate, resampled to 16 kHz and cut into frames as transformers'
+Gemma3nAudioFeatureExtractor cuts it (32 ms every 10 ms). The encoder computes the log-mel from
+the frames itself (converter/encoders.py AudioFrontEnd), so the same bundle serves g3n-run and
+LiteRT-LM, which hands it frames too. Clips longer than the encoder's window (30 s) are cut, as
+the extractor cuts them.
 """
 
 from __future__ import annotations
@@ -23,10 +21,6 @@ import numpy as np
 from bundle.errors import BundleError
 
 SAMPLE_RATE = 16_000
-FRAME_MS, HOP_MS = 32.0, 10.0
-MIN_HZ, MAX_HZ = 125.0, 7600.0
-PREEMPHASIS = 0.97
-MEL_FLOOR = 1e-5
 PAD_TO_MULTIPLE = 128  # samples, as the reference extractor pads
 MAX_SECONDS = 30.0  # the reference extractor's cut
 
@@ -111,57 +105,38 @@ def resample(samples: np.ndarray, rate: int, target: int = SAMPLE_RATE) -> np.nd
     return resample_poly(samples, target // g, rate // g).astype(np.float32)
 
 
-def mel_filters(mel_bins: int, fft_length: int) -> np.ndarray:
-    """HTK-mel triangular filters [fft_length // 2 + 1, mel_bins], unnormalised."""
-    freqs = np.arange(fft_length // 2 + 1, dtype=np.float32) * (SAMPLE_RATE / fft_length)
-    to_mel = lambda hz: 2595.0 * math.log10(1.0 + hz / 700.0)
-    points = 700.0 * (10 ** (np.linspace(to_mel(MIN_HZ), to_mel(MAX_HZ), mel_bins + 2) / 2595.0) - 1.0)
-    width = points[1:] - points[:-1]
-    slopes = points[None, :] - freqs[:, None]
-    down, up = -slopes[:, :-2] / width[:-1], slopes[:, 2:] / width[1:]
-    return np.maximum(np.zeros(1, np.float32), np.minimum(down, up))
-
-
-def log_mel(samples: np.ndarray, mel_bins: int) -> np.ndarray:
-    """[frames, mel_bins] float32 log-mel features of a 16 kHz clip."""
-    frame = int(round(SAMPLE_RATE * FRAME_MS / 1000))
-    hop = int(round(SAMPLE_RATE * HOP_MS / 1000))
-    fft_length = 2 * 2 ** math.ceil(math.log2(frame))  # "FFT overdrive": twice the frame's power of two
+def frame_clip(samples: np.ndarray, frame_length: int, hop_length: int) -> np.ndarray:
+    """[frames, frame_length]: a 16 kHz clip cut into frames as transformers' Gemma3nAudioFeatureExtractor
+    cuts it: zero-padded to a multiple of 128 samples, frame k from sample k * hop. The extractor
+    unfolds frame_length + 1 samples but its pre-emphasis reads only the first frame_length. Frames
+    that start past the clip's end are dropped (the extractor may mark the last one as padding)."""
     real = len(samples)
     padded = np.zeros(-(-real // PAD_TO_MULTIPLE) * PAD_TO_MULTIPLE, np.float32)
     padded[:real] = samples
-    if len(padded) < frame + 1:
-        raise MediaError(f"the clip is too short ({real} samples at 16 kHz; at least {frame + 1} are needed)")
-    count = (len(padded) - frame - 1) // hop + 1
-    windows = np.lib.stride_tricks.as_strided(padded, (count, frame + 1), (padded.strides[0] * hop, padded.strides[0]))
-    # HTK pre-emphasis: the first sample of each window is scaled, the rest differenced.
-    frames = np.concatenate([windows[:, :1] * (1.0 - PREEMPHASIS), windows[:, 1:-1] - PREEMPHASIS * windows[:, :-2]], axis=1)
-    hann = (0.5 * (1 - np.cos(2 * np.pi * np.arange(frame, dtype=np.float32) / frame))).astype(np.float32)
-    spectrum = np.abs(np.fft.rfft(frames * hann, n=fft_length, axis=-1))
-    features = np.log(np.maximum(spectrum @ mel_filters(mel_bins, fft_length), MEL_FLOOR)).astype(np.float32)
-    real_frames = -(-real // hop)  # frames that start on a real sample
-    return features[:real_frames]
+    if len(padded) < frame_length + 1:
+        raise MediaError(f"the clip is too short ({real} samples at 16 kHz; at least {frame_length + 1} are needed)")
+    count = min((len(padded) - frame_length - 1) // hop_length + 1, -(-real // hop_length))
+    step = padded.strides[0]
+    return np.lib.stride_tricks.as_strided(padded, (count, frame_length), (step * hop_length, step)).copy()
 
 
-def load_audio(path: Path, mel_bins: int, max_frames: int) -> tuple[np.ndarray, bool]:
-    """Log-mel features [frames, mel_bins] of a WAV file, at most `max_frames`, and whether the
-    clip was cut to fit."""
+def load_audio(path: Path, spec) -> tuple[np.ndarray, bool]:
+    """Frames [n, frame_length] of a WAV file for the audio encoder described by `spec` (the
+    manifest's AudioInput), at most its window, and whether the clip was cut to fit."""
     samples, rate = read_wav(path)
-    hop = int(round(SAMPLE_RATE * HOP_MS / 1000))
-    max_samples = min(int(MAX_SECONDS * SAMPLE_RATE), max_frames * hop)
+    max_samples = min(int(MAX_SECONDS * spec.sample_rate), spec.frames * spec.hop_length)
     # Cut at the source rate first, so a long or low-rate file never resamples more than the window.
-    source_max = math.ceil(max_samples * rate / SAMPLE_RATE)
+    source_max = math.ceil(max_samples * rate / spec.sample_rate)
     cut = len(samples) > source_max
-    samples = resample(samples[:source_max], rate)[:max_samples]
-    features = log_mel(samples, mel_bins)
-    return features[:max_frames], cut
+    samples = resample(samples[:source_max], rate, spec.sample_rate)[:max_samples]
+    return frame_clip(samples, spec.frame_length, spec.hop_length)[: spec.frames], cut
 
 
-def audio_window(features: np.ndarray, frames: int) -> dict[str, np.ndarray]:
-    """The audio encoder's inputs: features zero-padded to its window, and the real-frame mask."""
-    n = min(len(features), frames)
-    window = np.zeros((1, frames, features.shape[1]), np.float32)
-    window[0, :n] = features[:n]
-    mask = np.zeros((1, frames), np.int32)
+def audio_window(frames: np.ndarray, window: int) -> dict[str, np.ndarray]:
+    """The audio encoder's inputs: the frames zero-padded to its window, and the real-frame mask."""
+    n = min(len(frames), window)
+    audio = np.zeros((1, window, frames.shape[1]), np.float32)
+    audio[0, :n] = frames[:n]
+    mask = np.zeros((1, window), np.uint8)
     mask[0, :n] = 1
-    return {"features": window, "mask": mask}
+    return {"audio": audio, "mask": mask}

@@ -113,7 +113,7 @@ class Session:
     def _encoder(self, kind: str) -> tuple[EncoderEntry, EncoderEngine | None]:
         """The encoder for `kind` ("image" / "audio"): its manifest spec, and its engine once loaded."""
         spec = self.encoder_specs.get(ENCODERS[kind])
-        if spec is None or spec.bundle not in self.manifest.bundles:
+        if spec is None or kind == "audio" and spec.adapter is None:
             raise MediaError(
                 f"this bundle has no {ENCODERS[kind]} encoder, so it cannot take --{kind} input; "
                 f"the bundle holds: {', '.join(self.manifest.bundles)}"
@@ -126,23 +126,26 @@ class Session:
         spec, _ = self._encoder(kind)
         if kind == "image":
             return {names.IMAGES: load_image(Path(path), spec.image.size)}, False
-        features, cut = load_audio(Path(path), spec.audio.mel_bins, spec.audio.frames)
-        return audio_window(features, spec.audio.frames), cut
+        frames, cut = load_audio(Path(path), spec.audio)
+        return audio_window(frames, spec.audio.frames), cut
+
+    def _engine(self, bundle: str) -> EncoderEngine:
+        """A media bundle's engine, loaded on first use."""
+        if bundle not in self.encoders:
+            self.encoders[bundle] = EncoderEngine(self.folder / self.manifest.bundles[bundle].file,
+                                                  names.encoder_signature(bundle), self.num_threads)
+        return self.encoders[bundle]
 
     def _encode(self, kind: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        """Soft-token embeddings [N, H], loading the encoder on first use. Padding tokens of a short
-        clip get the embedding of the last audio id, as in the reference."""
-        spec, engine = self._encoder(kind)
-        if engine is None:
-            bundle = spec.bundle
-            engine = self.encoders[bundle] = EncoderEngine(self.folder / self.manifest.bundles[bundle].file,
-                                                           names.encoder_signature(bundle), self.num_threads)
-        out = engine(**inputs)
-        embeddings = out[names.EMBEDDINGS][0]
-        if names.MASK in out:
-            padding = self.engine.embed([self.manifest.config["vocab_size"] - 1])[0]
-            embeddings = np.where(out[names.MASK][0, :, None] > 0, embeddings, padding)
-        return embeddings
+        """Soft-token embeddings [N, H], loading the encoder (and the audio adapter) on first use.
+        Padding tokens of a short clip get the embedding of the last audio id, as in the reference."""
+        spec, _ = self._encoder(kind)
+        out = self._engine(spec.bundle)(**inputs)
+        if spec.adapter is None:
+            return out[names.EMBEDDINGS][0]
+        embeddings = self._engine(spec.adapter)(**{names.FEATURES: out[names.FEATURES], names.MASK: out[names.MASK]})[names.EMBEDDINGS][0]
+        padding = self.engine.embed([self.manifest.config["vocab_size"] - 1])[0]
+        return np.where(out[names.MASK][0, :, None] > 0, embeddings, padding)
 
     def _prompt_ids(self, prompt: str | list[int], raw: bool, system: str | None, media: list[str | int] = ()) -> list[int]:
         if not isinstance(prompt, str):

@@ -30,7 +30,8 @@ def prompt_ids(seed: int) -> list[int]:
 
 def test_manifest_lists_every_file_with_sha256(tiny_bundle):
     manifest = json.loads((tiny_bundle / "manifest.json").read_text())
-    assert set(manifest["bundles"]) == {"text_core", "embedder", "ple", "vision_encoder", "audio_encoder"}
+    assert set(manifest["bundles"]) == {"text_core", "embedder", "ple", "vision_encoder", "end_of_vision",
+                                        "audio_encoder", "audio_adapter", "end_of_audio"}
     for entry in [*manifest["bundles"].values(), *manifest["files"].values()]:
         path = tiny_bundle / entry["file"]
         assert path.stat().st_size == entry["bytes"]

@@ -12,7 +12,7 @@ from transformers import Gemma3nAudioFeatureExtractor
 
 from runtime import MediaError, Session
 from runtime.engine import EncoderEngine
-from runtime.media import audio_window, load_audio, load_image, log_mel
+from runtime.media import audio_window, frame_clip, load_image, read_wav
 
 # Float32 convolutions and matmuls summed in another order over MobileNet-V5's ~80 blocks / the
 # conformer; measured differences are ~3e-6 on outputs of magnitude ~2.5.
@@ -45,9 +45,17 @@ def test_manifest_describes_the_encoders(tiny_bundle):
     m = manifest(tiny_bundle)
     vision, audio = m["encoders"]["vision"], m["encoders"]["audio"]
     assert vision["bundle"] == "vision_encoder" and vision["image"]["size"] == 768 and vision["soft_tokens"] == 4
-    assert audio["audio"]["frames"] == 4 * 16  # 2 stride-2 convolutions, then every 4th frame
+    assert vision["end_of_media"] == "end_of_vision" and "adapter" not in vision
+    assert (audio["bundle"], audio["adapter"], audio["end_of_media"]) == ("audio_encoder", "audio_adapter", "end_of_audio")
+    assert audio["audio"] == {"frames": 4 * 16, "frame_length": 512, "hop_length": 160, "sample_rate": 16000, "mel_bins": 128}
     sig = m["bundles"]["audio_encoder"]["signatures"]["audio_encoder"]
-    assert sig["inputs"]["features"]["shape"] == [1, 64, 32] and sig["outputs"]["mask"]["shape"] == [1, 4]
+    assert sig["inputs"]["audio"] == {"shape": [1, 64, 512], "dtype": "float32"}
+    assert sig["inputs"]["mask"] == {"shape": [1, 64], "dtype": "uint8"}
+    assert sig["outputs"] == {"features": {"shape": [1, 4, 32], "dtype": "float32"}, "mask": {"shape": [1, 4], "dtype": "uint8"}}
+    adapter = m["bundles"]["audio_adapter"]["signatures"]["audio_adapter"]
+    assert adapter["outputs"]["embeddings"]["shape"] == [1, 4, 64]
+    for end in ("end_of_vision", "end_of_audio"):
+        assert m["bundles"][end]["signatures"][end] == {"inputs": {}, "outputs": {"embeddings": {"shape": [1, 1, 64], "dtype": "float32"}}}
     assert m["bundles"]["vision_encoder"]["signatures"]["vision_encoder"]["outputs"]["embeddings"]["shape"] == [1, 4, 64]
 
 
@@ -60,25 +68,39 @@ def test_vision_bundle_matches_transformers(tiny_bundle, reference, media):
     np.testing.assert_allclose(got, expected.numpy(), atol=ENCODER_ATOL, rtol=0)
 
 
-def test_audio_bundle_matches_transformers(tiny_bundle, reference, media):
+def test_audio_bundles_match_transformers(tiny_bundle, reference, media):
+    """Framed samples through the audio encoder and adapter bundles equal transformers' feature
+    extractor and get_audio_features on the same clip."""
     _, _, samples = media
-    features = log_mel(samples, 32)
-    inputs = audio_window(features, 64)
-    out = EncoderEngine(tiny_bundle / "audio_encoder.tflite", "audio_encoder")(**inputs)
+    ref_features = Gemma3nAudioFeatureExtractor(feature_size=128)(samples)
+    features = ref_features["input_features"][0][: ref_features["input_features_mask"][0].sum()]
+    frames = frame_clip(samples, 512, 160)
+    assert len(frames) == len(features) == 43  # (7296 - 513) // 160 + 1: the clip padded to a multiple of 128
+    inputs = audio_window(frames, 64)
+    encoded = EncoderEngine(tiny_bundle / "audio_encoder.tflite", "audio_encoder")(**inputs)
+    out = EncoderEngine(tiny_bundle / "audio_adapter.tflite", "audio_adapter")(features=encoded["features"], mask=encoded["mask"])
     with torch.no_grad():
         ref = reference.model.get_audio_features(torch.from_numpy(features)[None], torch.zeros(1, len(features), dtype=torch.bool))
-    n = ref.pooler_output.shape[1]  # ceil(45 frames / 16) = 3 soft tokens of the clip
-    assert n == 3 and out["mask"].tolist() == [[1, 1, 1, 0]]
+    n = ref.pooler_output.shape[1]  # ceil(43 frames / 16) = 3 soft tokens of the clip
+    assert n == 3 and encoded["mask"].tolist() == [[1, 1, 1, 0]]
     np.testing.assert_allclose(out["embeddings"][:, :n], ref.pooler_output.numpy(), atol=ENCODER_ATOL, rtol=0)
+    assert not out["embeddings"][:, n:].any()  # tokens past the clip
 
 
-def test_log_mel_equals_transformers_feature_extractor():
-    for length, bins in ((7200, 32), (3 * 16000 + 77, 128)):
+def test_front_end_equals_transformers_feature_extractor():
+    """The encoder's in-graph log-mel (converter/encoders.py AudioFrontEnd), in PyTorch, against
+    transformers' Gemma3nAudioFeatureExtractor, with its defaults and with a per-bin normalisation.
+    atol 2e-4: a float32 matmul against a float64 FFT; log-mel values are ~-11..3, so ~1e-5 relative."""
+    from converter.encoders import AudioFrontEnd
+
+    for length, settings in ((7200, {"feature_size": 128}), (3 * 16000 + 77, {"feature_size": 32, "per_bin_mean": [0.5] * 32,
+                                                                           "per_bin_stddev": [2.0] * 32, "input_scale_factor": 0.5})):
         samples = (np.random.default_rng(length).standard_normal(length) * 0.1).astype(np.float32)
-        ref = Gemma3nAudioFeatureExtractor(feature_size=bins)(samples)
-        ours = log_mel(samples, bins)
-        mask = ref["input_features_mask"][0]
-        np.testing.assert_array_equal(ours, ref["input_features"][0][: mask.sum()])
+        ref = Gemma3nAudioFeatureExtractor(**settings)(samples)
+        expected = ref["input_features"][0][: ref["input_features_mask"][0].sum()]
+        with torch.no_grad():
+            ours = AudioFrontEnd(settings)(torch.from_numpy(frame_clip(samples, 512, 160)))
+        np.testing.assert_allclose(ours.numpy(), expected, atol=2e-4, rtol=0)
 
 
 def multimodal_ids(tok, spec: dict, text: str) -> list[int]:
@@ -98,12 +120,13 @@ def test_image_and_audio_prompt_greedy_matches_transformers(tiny_bundle, referen
     session = Session(tiny_bundle)
     assert session.loaded_bundles == ["text_core", "embedder", "ple"]
     result = session.generate("Describe both.", image=picture, audio=clip, max_new_tokens=NEW_TOKENS)
-    assert session.loaded_bundles == ["text_core", "embedder", "ple", "vision_encoder", "audio_encoder"]
+    assert session.loaded_bundles == ["text_core", "embedder", "ple", "vision_encoder", "audio_encoder", "audio_adapter"]
 
     specs = manifest(tiny_bundle)["encoders"]
     ids = multimodal_ids(session.tokenizer, {"vision": specs["vision"], "audio": specs["audio"]}, "Describe both.")
     assert result.stats["prompt_tokens"] == len(ids)
-    features, _ = load_audio(clip, 32, 64)
+    extracted = Gemma3nAudioFeatureExtractor(feature_size=128)(read_wav(clip)[0])  # the WAV's 16-bit samples
+    features = extracted["input_features"][0][: extracted["input_features_mask"][0].sum()]
     with torch.no_grad():
         out = reference.generate(
             torch.tensor([ids]),
@@ -123,11 +146,13 @@ def test_image_and_audio_prompt_greedy_matches_transformers(tiny_bundle, referen
 
 def test_quantized_encoders(tiny_int8_bundle):
     m = manifest(tiny_int8_bundle)
-    for name in ("vision_encoder", "audio_encoder"):
+    for name in ("vision_encoder", "audio_encoder", "audio_adapter"):
         entry = m["bundles"][name]
         assert entry["quantization"]["scheme"] == "int8"
         assert entry["quality"]["cosine"] >= 0.99, name
     assert m["bundles"]["vision_encoder"]["bits_per_weight"] < 16  # the 1x1 convolutions are int8 too
+    for name in ("end_of_vision", "end_of_audio"):  # one constant embedding each
+        assert m["bundles"][name]["quantization"] == {"scheme": "float32"}
 
 
 def test_bad_media_is_a_clear_error(tiny_bundle, tiny_int4_bundle, tmp_path, media):

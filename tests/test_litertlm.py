@@ -22,7 +22,7 @@ from converter.cli import main as convert_main
 from converter.pack import pack
 from runtime.chat import Tokenizer
 from tests.conftest import TINY_CACHE, TINY_PREFILL
-from tests.support.tiny_checkpoint import vary_final_norm
+from tests.support.tiny_checkpoint import louden_attention, vary_final_norm
 
 ROOT = Path(__file__).resolve().parents[1]
 NEW_TOKENS = 12
@@ -202,56 +202,183 @@ def test_litertlm_engine_matches_transformers_multimodal_checkpoint(mm_file, tin
     _check_against_transformers(mm_file, reference, Tokenizer(tiny_bundle / "tokenizer.model"), varied=False)
 
 
+MEDIA_TOKENS = 16
+
+
 @pytest.fixture(scope="module")
-def image_case(tiny_mm_checkpoint, tmp_path_factory):
-    """The tiny multimodal checkpoint with a random final norm (see varied_checkpoint), converted
-    with its vision encoder and packed; its transformers model; two pictures."""
+def media_case(tiny_mm_checkpoint, tmp_path_factory):
+    """The tiny multimodal checkpoint made to say varied tokens (a random final norm) and to listen
+    to its soft tokens (louder attention), converted with both encoders and packed; its
+    transformers model; two clips and two pictures."""
     from PIL import Image
     from transformers import Gemma3nForConditionalGeneration
 
     from converter.pipeline import ConvertOptions, convert
 
-    root = tmp_path_factory.mktemp("image")
-    checkpoint = root / "tiny-mm-varied"
+    root = tmp_path_factory.mktemp("media")
+    checkpoint = root / "tiny-mm-media"
     shutil.copytree(tiny_mm_checkpoint, checkpoint)
-    vary_final_norm(checkpoint)
+    louden_attention(vary_final_norm(checkpoint))
     folder = root / "bundle"
     convert(ConvertOptions(out=folder, checkpoint=checkpoint, prefill_lengths=TINY_PREFILL, cache_length=TINY_CACHE,
-                           bundles=("embedder", "ple", "text_core", "vision_encoder"), quality_report=False))
+                           quality_report=False))
     model = Gemma3nForConditionalGeneration.from_pretrained(checkpoint, attn_implementation="eager",
                                                             dtype=torch.float32).eval()
-    # Already at the encoder's 768 x 768, so LiteRT-LM's resize (stb, Catmull-Rom) is the identity.
-    pictures = []
-    for i, image in enumerate((Image.radial_gradient("L").convert("RGB"), Image.linear_gradient("L").convert("RGB"))):
-        pictures.append(root / f"picture{i}.png")
-        image.resize((768, 768)).save(pictures[-1])
-    return pack(folder, root / "image.litertlm"), folder, model, pictures
+    rng = np.random.default_rng(0)
+    clips = []
+    for i, pitch in enumerate((220.0, 440.0)):  # half a second each: two tones in noise
+        t = np.arange(8000) / 16000
+        samples = 0.3 * np.sin(2 * np.pi * pitch * t) + 0.1 * np.sin(6 * np.pi * pitch * t) + 0.02 * rng.standard_normal(t.size)
+        clips.append(write_wav(root / f"clip{i}.wav", samples))
+    # At the encoder's 768 x 768 already, so LiteRT-LM's resize is the identity.
+    pictures = [root / "noise.png", root / "black.png"]
+    Image.fromarray((rng.random((768, 768, 3)) * 255).astype(np.uint8)).save(pictures[0])
+    Image.new("RGB", (768, 768)).save(pictures[1])
+    return pack(folder, root / "media.litertlm"), folder, model, clips, pictures
 
 
-def test_litertlm_image_prompt_matches_transformers(image_case):
+def write_wav(path: Path, samples: np.ndarray) -> Path:
+    import wave
+
+    with wave.open(str(path), "wb") as wav:
+        wav.setnchannels(1), wav.setsampwidth(2), wav.setframerate(16000)
+        wav.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+    return path
+
+
+def byte_pieces(tokenizer: Tokenizer) -> list[int]:
+    """The tokenizer's byte-fallback pieces. A random model says them often, and LiteRT-LM's text
+    stream stops showing a reply at an invalid UTF-8 sequence (<0xD1><0x70>) where sentencepiece
+    writes U+FFFD: media prompts are compared with these ids suppressed on both sides."""
+    return [i for i in range(tokenizer.sp.get_piece_size()) if tokenizer.sp.is_byte(i)]
+
+
+def media_prompt(tokenizer: Tokenizer, entry: dict, soft_tokens: int, text: str) -> list[int]:
+    """A user turn with one image / clip laid out as transformers' Gemma3nProcessor does, and as
+    the packed file tells LiteRT-LM to: \n\n<start> + soft tokens + <end> + \n\n, then the text."""
+    sot, eot = tokenizer.markers["<start_of_turn>"], tokenizer.markers["<end_of_turn>"]
+    ids = [tokenizer.bos_id, sot] + tokenizer.sp.encode("user\n\n\n") + [entry["start_token_id"]]
+    ids += [entry["soft_token_id"]] * soft_tokens + [entry["end_token_id"]]
+    return ids + tokenizer.sp.encode("\n\n" + text) + [eot] + tokenizer.sp.encode("\n") + [sot] + tokenizer.sp.encode("model\n")
+
+
+def hf_media_reply(model, tokenizer: Tokenizer, ids: list[int], **media) -> str:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=MEDIA_TOKENS, do_sample=False, suppress_tokens=byte_pieces(tokenizer),
+                             eos_token_id=sorted(tokenizer.stop_ids), pad_token_id=0, **media)
+    return tokenizer.decode([t for t in out[0, len(ids):].tolist() if t not in tokenizer.stop_ids])
+
+
+def test_litertlm_audio_prompt_matches_transformers(media_case):
+    """A WAV file through LiteRT-LM's engine: it frames the clip (the packed file tells it to skip
+    its own log-mel), the audio encoder computes transformers' log-mel in-graph, the adapter
+    projects, and the clip's tokens plus the <end_of_audio> section's embedding go into the prompt.
+    transformers gets the same clip through its own feature extractor."""
+    from transformers import Gemma3nAudioFeatureExtractor
+
+    from runtime.media import read_wav
+
+    path, folder, model, clips, _ = media_case
+    tokenizer = Tokenizer(folder / "tokenizer.model")
+    audio = json.loads((folder / "manifest.json").read_text())["encoders"]["audio"]
+    got = litertlm(path, media=[("audio", str(c), "Describe.") for c in clips], suppress=byte_pieces(tokenizer),
+                   max_new_tokens=MEDIA_TOKENS)["media"]
+    expected, configured = [], model.config.audio_soft_tokens_per_image
+    for clip in clips:
+        samples, _ = read_wav(clip)
+        frames = 1 + (len(samples) - 512) // 160  # LiteRT-LM frames whole windows of the clip, no padding
+        features = Gemma3nAudioFeatureExtractor(feature_size=128)(samples)["input_features"][0][:frames]
+        tokens = -(-frames // 16)  # LiteRT-LM places the clip's tokens only; transformers pads to its config's count
+        model.config.audio_soft_tokens_per_image = tokens
+        try:
+            expected.append(hf_media_reply(model, tokenizer, media_prompt(tokenizer, audio, tokens, "Describe."),
+                                           input_features=torch.from_numpy(features)[None],
+                                           input_features_mask=torch.ones(1, frames, dtype=torch.bool)))
+        finally:
+            model.config.audio_soft_tokens_per_image = configured
+    assert got == expected
+    assert expected[0] != expected[1]  # the clip decides the reply: the test sees where its tokens land
+
+
+def test_litertlm_image_prompt_matches_transformers(media_case):
+    """An image through LiteRT-LM's engine, laid out as transformers' processor lays it out
+    (<end_of_image> from the end_of_vision section)."""
     from runtime.media import load_image
 
-    path, folder, model, pictures = image_case
+    path, folder, model, _, pictures = media_case
     tokenizer = Tokenizer(folder / "tokenizer.model")
     vision = json.loads((folder / "manifest.json").read_text())["encoders"]["vision"]
-    got = litertlm(path, image=[(str(p), "Describe.") for p in pictures])["image"]
-
-    # LiteRT-LM's Gemma 3n layout: \n\n<start_of_image>, the soft tokens, \n\n, with no
-    # <end_of_image> (its Gemma3 data processor leaves it out; transformers' processor writes it).
-    sot, eot = tokenizer.markers["<start_of_turn>"], tokenizer.markers["<end_of_turn>"]
-    ids = [tokenizer.bos_id, sot] + tokenizer.sp.encode("user\n\n\n") + [vision["start_token_id"]]
-    ids += [vision["soft_token_id"]] * vision["soft_tokens"]
-    ids += tokenizer.sp.encode("\n\nDescribe.") + [eot] + tokenizer.sp.encode("\n") + [sot] + tokenizer.sp.encode("model\n")
-    expected = []
-    for picture in pictures:
-        pixels = torch.from_numpy(load_image(picture, vision["image"]["size"])).permute(0, 3, 1, 2)
-        with torch.no_grad():
-            out = model.generate(torch.tensor([ids]), pixel_values=pixels, max_new_tokens=NEW_TOKENS, do_sample=False,
-                                 eos_token_id=sorted(tokenizer.stop_ids), pad_token_id=0)
-        expected.append(tokenizer.decode([t for t in out[0, len(ids):].tolist() if t not in tokenizer.stop_ids]))
-    # On this tiny model the two pictures give the same reply: this checks that LiteRT-LM loads
-    # and runs the vision section within the prompt, not where each soft token lands.
+    got = litertlm(path, media=[("image", str(p), "Describe.") for p in pictures], suppress=byte_pieces(tokenizer),
+                   max_new_tokens=MEDIA_TOKENS)["media"]
+    ids = media_prompt(tokenizer, vision, vision["soft_tokens"], "Describe.")
+    expected = [hf_media_reply(model, tokenizer, ids, pixel_values=torch.from_numpy(load_image(p, 768)).permute(0, 3, 1, 2))
+                for p in pictures]
     assert got == expected
+    # Without <end_of_image> (LiteRT-LM's own Gemma 3n layout) the reply differs: the end token counts.
+    without_end = [t for t in ids if t != vision["end_token_id"]]
+    pixels = torch.from_numpy(load_image(pictures[0], 768)).permute(0, 3, 1, 2)
+    assert hf_media_reply(model, tokenizer, without_end, pixel_values=pixels) != expected[0]
+
+
+class PixelProbe(torch.nn.Module):
+    """A stand-in vision encoder whose soft tokens follow each colour channel's mean: black, red and
+    white pictures then say different things to the text model, and a wrong scale or channel order
+    in front of the encoder would say something else again."""
+
+    def __init__(self, tokens: int, width: int):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.tokens, self.width = tokens, width
+        self.register_buffer("base", torch.randn(tokens * width, generator=gen))
+        self.register_buffer("per_channel", 3 * torch.randn(3, tokens * width, generator=gen))
+
+    def forward(self, images):  # [1,S,S,3] RGB -> {"embeddings": [1,N,H]} of unit RMS, as the real soft tokens
+        x = (self.base + images.mean(dim=(1, 2)) @ self.per_channel).reshape(1, self.tokens, self.width)
+        return {"embeddings": x * torch.rsqrt((x * x).mean(-1, keepdim=True))}
+
+
+def test_litertlm_gives_the_vision_section_transformers_pixels(media_case, tmp_path, monkeypatch):
+    """LiteRT-LM's image preprocessing for the packed file hands the vision section what
+    transformers' processor hands the tower (RGB in [0,1] at 768 x 768): shown with PixelProbe in
+    the vision encoder's place, in the file and in transformers alike."""
+    import litert_torch
+    from PIL import Image
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    from bundle.manifest import file_entry, read_manifest, write_manifest
+    from runtime.media import load_image
+
+    _, folder, model, _, _ = media_case
+    probe_folder = tmp_path / "bundle"
+    shutil.copytree(folder, probe_folder)
+    manifest = read_manifest(probe_folder)
+    vision = manifest.encoders["vision"]
+    probe = PixelProbe(vision.soft_tokens, manifest.config["hidden_size"]).eval()
+    entry = manifest.bundles["vision_encoder"]
+    litert_torch.signature("vision_encoder", probe, sample_kwargs={"images": torch.zeros(1, 768, 768, 3)}).convert().export(
+        str(probe_folder / entry.file))
+    fresh = file_entry(probe_folder / entry.file)
+    entry.bytes, entry.sha256 = fresh.bytes, fresh.sha256
+    write_manifest(probe_folder, manifest)
+    path = pack(probe_folder, tmp_path / "probe.litertlm")
+
+    pictures = []
+    for name, colour in (("black", (0, 0, 0)), ("red", (255, 0, 0)), ("white", (255, 255, 255))):
+        pictures.append(tmp_path / f"{name}.png")
+        Image.new("RGB", (768, 768), colour).save(pictures[-1])
+    tokenizer = Tokenizer(probe_folder / "tokenizer.model")
+    got = litertlm(path, media=[("image", str(p), "Describe.") for p in pictures], suppress=byte_pieces(tokenizer),
+                   max_new_tokens=MEDIA_TOKENS)["media"]
+
+    def probed(pixel_values, **kwargs):  # transformers' NCHW pixels through the same probe
+        return BaseModelOutputWithPooling(pooler_output=probe(pixel_values.permute(0, 2, 3, 1))["embeddings"])
+
+    monkeypatch.setattr(model.model, "get_image_features", probed)
+    ids = media_prompt(tokenizer, vision.__dict__, vision.soft_tokens, "Describe.")
+    expected = [hf_media_reply(model, tokenizer, ids, pixel_values=torch.from_numpy(load_image(p, 768)).permute(0, 3, 1, 2))
+                for p in pictures]
+    assert got == expected
+    assert len(set(expected)) == 3
 
 
 def test_int4_litertlm_follows_the_float_file(mm_file, tiny_int4_bundle, tmp_path):

@@ -64,7 +64,10 @@ def _mutations():
         ("an encoder without its input", drop("encoders", "vision", "image"), ["either an image or audio"]),
         ("two entries, one file", put(names.bundle_file(names.EMBEDDER), *core, "file"), ["same file"]),
         ("wrong format", put("other", "format"), ["not a g3n bundle manifest"]),
-        ("newer format", put(2, "format_version"), ["format_version 2"]),
+        ("newer format", put(3, "format_version"), ["format_version 3"]),
+        ("an older g3n's folder", put(1, "format_version"), ["format_version 1", "convert the checkpoint again"]),
+        ("an adapter of another modality", put(names.AUDIO_ADAPTER, "encoders", "vision", "end_of_media"), ["not a vision bundle"]),
+        ("a companion the folder lacks", lambda m: m["bundles"].pop(names.END_OF_AUDIO), ["end_of_audio", "does not list"]),
     ]
 
 

@@ -18,7 +18,7 @@ import pytest
 from bundle import names
 from bundle.errors import BundleError, CheckpointError, G3nError
 from bundle.files import LOCK_FILE, sha256_file
-from bundle.manifest import read_manifest, verify_bundle, write_manifest
+from bundle.manifest import AudioInput, read_manifest, verify_bundle, write_manifest
 from runtime import MediaError, Session
 from runtime.media import load_audio
 
@@ -251,12 +251,16 @@ def write_wav(path: Path, samples: np.ndarray, rate: int, fmt: str = "int16") ->
     return path
 
 
+# E2B's audio window: 188 tokens x 16 frames of 512 samples every 160, at 16 kHz.
+E2B_AUDIO = AudioInput(frames=3008, frame_length=512, hop_length=160, sample_rate=16000, mel_bins=128)
+
+
 def test_float_wav_reads_as_its_samples(tmp_path):
     t = np.arange(8000) / 16000
     pcm = np.round(0.5 * np.sin(2 * np.pi * 440 * t) * 32767).astype(np.int16)
-    as_int, _ = load_audio(write_wav(tmp_path / "i.wav", pcm / 32767, 16000), 128, 3008)
+    as_int, _ = load_audio(write_wav(tmp_path / "i.wav", pcm / 32767, 16000), E2B_AUDIO)
     # the same samples as float32: exactly what the int16 reader makes of them (x / 32768)
-    as_float, _ = load_audio(write_wav(tmp_path / "f.wav", pcm.astype(np.float32) / 32768, 16000, "float32"), 128, 3008)
+    as_float, _ = load_audio(write_wav(tmp_path / "f.wav", pcm.astype(np.float32) / 32768, 16000, "float32"), E2B_AUDIO)
     np.testing.assert_array_equal(as_float, as_int)
 
 
@@ -267,14 +271,14 @@ def test_absurd_sample_rates_are_one_clear_error(tmp_path, rate):
     data[24:28] = rate.to_bytes(4, "little")
     path.write_bytes(bytes(data))
     with pytest.raises(MediaError, match=f"sample rate of {rate} Hz"):
-        load_audio(path, 128, 3008)
+        load_audio(path, E2B_AUDIO)
 
 
 def test_a_long_low_rate_clip_is_cut_before_resampling(tmp_path):
     rate = 1000  # 200 s at 1 kHz: resampled whole it would be 3.2 M samples; cut first, 30 s
     path = write_wav(tmp_path / "long.wav", np.random.default_rng(0).uniform(-0.5, 0.5, 200 * rate).astype(np.float32), rate)
-    features, cut = load_audio(path, 128, 3008)
-    assert cut and features.shape == ((480_000 - 513) // 160 + 1, 128)  # the frames of any 30 s clip at 16 kHz
+    frames, cut = load_audio(path, E2B_AUDIO)
+    assert cut and frames.shape == ((480_000 - 513) // 160 + 1, 512)  # the frames of any 30 s clip at 16 kHz
 
 
 # ---- tokenizers ------------------------------------------------------------------------------------

@@ -323,7 +323,7 @@ def test_a_session_keeps_only_what_runs_resident(tiny_bundle, tmp_path):
     core = folder / "text_core.tflite"
     assert _resident(core) < core.stat().st_size // 8
     session.generate("Describe", raw=True, image=picture, audio=clip, max_new_tokens=2)
-    for bundle in ("vision_encoder", "audio_encoder"):
+    for bundle in ("vision_encoder", "audio_encoder", "audio_adapter"):
         path = folder / f"{bundle}.tflite"
         assert _resident(path) < path.stat().st_size // 8, bundle
 

@@ -10,13 +10,13 @@ from ai_edge_litert.interpreter import Interpreter
 from converter.checkpoint import RandomWeights, SafetensorsCheckpoint, expected_shapes
 from converter.config import load_hf_config, variant_config, variant_encoders
 from bundle.errors import ExportError
-from converter.export import build_module, convert_to_tflite, encoder_bundle_plan, text_bundle_plans
+from converter.export import build_module, convert_to_tflite, media_bundle_plans, text_bundle_plans
 from converter.standins import StandIn, materialize_with_standins
 from quant.recipes import plan_quantization, quantize_file
 from quant.streaming import folded_scale, write_bundle
 from tests.conftest import TINY_CACHE, TINY_PREFILL
 
-BUNDLES = ("embedder", "ple", "text_core", "audio_encoder")
+BUNDLES = ("embedder", "ple", "text_core", "audio_encoder", "audio_adapter")
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,8 @@ def standin_conversions(tiny_mm_checkpoint, tmp_path_factory):
     source = SafetensorsCheckpoint(tiny_mm_checkpoint, cfg, expected_shapes(cfg, [audio]))
     folder = tmp_path_factory.mktemp("standins")
     converted = {}
-    for plan in [*text_bundle_plans(cfg, TINY_PREFILL, TINY_CACHE), encoder_bundle_plan(audio)]:
+    encoder, adapter, _ = media_bundle_plans(audio)  # end_of_audio is a constant, converted with no weights
+    for plan in [*text_bundle_plans(cfg, TINY_PREFILL, TINY_CACHE), encoder, adapter]:
         module, standins = materialize_with_standins(build_module(plan, cfg), plan.weights_prefix, source, min_elements=0)
         convert_to_tflite(plan, module, folder / plan.file)
         converted[plan.name] = (folder / plan.file, standins, module)
@@ -49,8 +50,8 @@ def signature_outputs(path) -> dict:
                 feeds[key] = rng.integers(0, 400, shape).astype(np.int32)
             elif key == "input_pos":
                 feeds[key] = np.arange(shape[0], dtype=np.int32)
-            elif key == "mask" and detail["dtype"] == np.int32:  # the audio encoder's real-frame mask
-                feeds[key] = (np.arange(shape[-1]) < shape[-1] * 2 // 3).astype(np.int32)[None]
+            elif key == "mask" and detail["dtype"] == np.uint8:  # the audio encoder's / adapter's real-frame mask
+                feeds[key] = (np.arange(shape[-1]) < shape[-1] * 2 // 3).astype(np.uint8)[None]
             elif key == "mask":
                 feeds[key] = np.zeros(shape, np.float32)
             else:
@@ -108,6 +109,24 @@ def test_streamed_quantization_equals_ai_edge_quantizer(standin_conversions, tin
     quantize_file(tiny_bundle / f"{bundle}.tflite", reference, plan)
     assert_same_outputs(streamed, reference)
     assert abs(streamed.stat().st_size - reference.stat().st_size) < 0.01 * reference.stat().st_size
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_audio_front_end_stays_float(standin_conversions, tmp_path, scheme):
+    """The DFT and mel matrices of the in-graph log-mel are transformers' extractor, not weights:
+    quantizing the audio encoder leaves them float32, in the writer and in ai-edge-quantizer alike."""
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    converted, source = standin_conversions
+    path, standins, module = converted["audio_encoder"]
+    plan = plan_quantization("audio_encoder", scheme, 32, module)
+    write_bundle(path, tmp_path / "q.tflite", plan, standins, source)
+    graph = flatbuffer_utils.read_model(str(tmp_path / "q.tflite")).subgraphs[0]
+    types = {tuple(t.shape): t.type for t in graph.tensors}
+    bins = 1024 // 2 + 1
+    assert types[(2 * bins, 512)] == types[(128, bins)] == schema.TensorType.FLOAT32  # the DFT, the mel filters
+    assert {schema.TensorType.INT8, schema.TensorType.INT4} & set(types.values())  # the conformer's weights
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])

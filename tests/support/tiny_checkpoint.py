@@ -16,6 +16,7 @@ import math
 import random
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from converter.checkpoint import RESIDUAL_BRANCH_GAIN, RESIDUAL_BRANCH_NORMS
@@ -135,13 +136,27 @@ def vary_final_norm(folder: Path, seed: int = 0) -> Path:
     """Give the checkpoint in `folder` a random final norm, in place. With tied embeddings a tiny
     random model greedily repeats its last token, which a broken KV cache would not change; a
     random final norm makes it say varied tokens, so greedy text tests every step of the cache."""
-    import numpy as np
     from safetensors.numpy import load_file, save_file
 
     path = Path(folder) / "model.safetensors"
     weights = load_file(path)
     (name,) = [k for k in ("model.norm.weight", "model.language_model.norm.weight") if k in weights]
     weights[name] = np.random.default_rng(seed).normal(0, 3, weights[name].shape).astype(np.float32)
+    save_file(weights, path, metadata={"format": "pt"})
+    return Path(folder)
+
+
+def louden_attention(folder: Path, gain: float = 6.0) -> Path:
+    """Scale every layer's attention branch (post_attention_layernorm) by `gain`, in place. The
+    tiny random model's residual branches are quiet (RESIDUAL_BRANCH_GAIN), so a token's own
+    embedding all but decides the next one and an image or clip barely moves a reply; louder
+    attention lets what the soft tokens say change it."""
+    from safetensors.numpy import load_file, save_file
+
+    path = Path(folder) / "model.safetensors"
+    weights = load_file(path)
+    for name in [k for k in weights if "post_attention_layernorm" in k]:
+        weights[name] = weights[name] * np.float32(gain)
     save_file(weights, path, metadata={"format": "pt"})
     return Path(folder)
 
