@@ -214,6 +214,9 @@ class Manifest:
     # Positions a sliding-window layer's cache holds: a ring (slot = position mod this) when it is
     # below cache_length; absent when every cache holds cache_length positions.
     sliding_cache_length: int | None = _optional()
+    # The text core's context buckets: signatures names.span_step(S) / span_fill(S, N) that attend
+    # over the caches' first S positions, for calls whose positions all lie below S.
+    context_spans: tuple[int, ...] | None = _optional()
     matformer: MatformerEntry | None = _optional()  # set when the model is a MatFormer slice
     quality: dict | None = _optional()  # the quantization quality report
     conversion_seconds: float | None = _optional()
@@ -225,6 +228,8 @@ class Manifest:
             _check_int(n, 1, self.cache_length, "a prefill length")
         if self.sliding_cache_length is not None:
             _check_int(self.sliding_cache_length, max(self.prefill_lengths), self.cache_length - 1, "sliding_cache_length")
+        for span in self.context_spans or ():
+            _check_int(span, max(self.prefill_lengths), self.cache_length - 1, "a context span")
         unknown = set(self.bundles) - set(ALL_BUNDLES)
         _check(not unknown, f"unknown bundle(s) {', '.join(sorted(unknown))}")
         for modality, entry in self.encoders.items():

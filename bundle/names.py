@@ -48,6 +48,20 @@ def prefill(length: int) -> str:
     return f"prefill_{length}"
 
 
+# Context buckets: the same calls attending over the caches' first `span` positions only, for
+# calls whose positions all lie below `span` (converter/model.py TextDecoder). Named so that
+# LiteRT-LM, which picks its signatures by the "prefill" prefix and the exact name "decode",
+# leaves them alone.
+def span_step(span: int) -> str:
+    """Text core, one token within the first `span` positions: logits + cache (decode's twin)."""
+    return f"context_{span}_step"
+
+
+def span_fill(span: int, length: int) -> str:
+    """Text core, `length` tokens within the first `span` positions: cache only (prefill's twin)."""
+    return f"context_{span}_fill_{length}"
+
+
 _LOOKUP_STEMS = {EMBEDDER: "embedder", PLE: "per_layer_embedder"}
 
 

@@ -43,6 +43,14 @@ def _parse_lengths(ctx, param, value: str) -> tuple[int, ...]:
     return lengths
 
 
+def _parse_spans(ctx, param, value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None  # the default ladder
+    if value.strip().lower() == "none":
+        return ()
+    return _parse_lengths(ctx, param, value)
+
+
 def _parse_bundles(ctx, param, value: str | None) -> tuple[str, ...] | None:
     if value is None:
         return None
@@ -147,6 +155,7 @@ class _StageDisplay:
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Output folder for the bundles  [default: ./g3n-<variant>]")
 @click.option("--prefill-lengths", default="32,128", show_default=True, callback=_parse_lengths, help="Comma-separated prefill signature lengths (prefill_<N>).")
 @click.option("--cache-length", type=click.IntRange(min=2), default=1024, show_default=True, help="KV cache length: the longest context the bundle can hold.")
+@click.option("--context-spans", default=None, callback=_parse_spans, metavar="LIST|none", help="Context buckets of the text core: extra signatures that attend over the cache's first N positions only, which g3n-run picks while the conversation is shorter, so a long cache costs what the context in use costs  [default: 1024 doubling below --cache-length; none: only the full-cache signatures]")
 @click.option("--sliding-ring/--no-sliding-ring", default=True, show_default=True, help="Keep each sliding-window layer's KV cache as a ring of window + longest prefill - 1 positions instead of --cache-length (less memory, and those layers attend over the ring only).")
 @click.option("--tokenizer", type=click.Path(path_type=Path), default=None, help="SentencePiece tokenizer.model to bundle (default: the checkpoint's).")
 @click.option("--bundles", default=None, callback=_parse_bundles, help="Comma-separated bundles to build, from embedder, ple, text_core, vision_encoder, audio_encoder (an encoder brings its companions: end_of_vision; audio_adapter and end_of_audio)  [default: all the checkpoint has]")
@@ -157,7 +166,7 @@ class _StageDisplay:
 @click.option("-v", "--verbose", is_flag=True, help="Also show litert-torch's own conversion log.")
 @click.pass_context
 def main(ctx, checkpoint, random_weights, seed, variant, quant, block_size, quant_text, quant_embed, quant_ple,
-         quant_vision, quant_audio, strict, skip_quality, out, prefill_lengths, cache_length, sliding_ring, tokenizer, bundles, matformer, out_format, as_json, quiet, verbose):
+         quant_vision, quant_audio, strict, skip_quality, out, prefill_lengths, cache_length, context_spans, sliding_ring, tokenizer, bundles, matformer, out_format, as_json, quiet, verbose):
     """Compile a Gemma 3n checkpoint into LiteRT bundles for phones.
 
     Writes text_core.tflite (prefill_<N> / decode signatures with an explicit KV cache),
@@ -209,6 +218,7 @@ def main(ctx, checkpoint, random_weights, seed, variant, quant, block_size, quan
         strict=strict,
         prefill_lengths=prefill_lengths,
         cache_length=cache_length,
+        context_spans=context_spans,
         sliding_ring=sliding_ring,
         tokenizer=tokenizer,
         bundles=bundles,

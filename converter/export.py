@@ -25,7 +25,7 @@ import os
 import shutil
 import signal
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -47,16 +47,17 @@ def _tensor_spec(t: torch.Tensor) -> TensorSpec:
 class TextCoreSignature(nn.Module):
     """Keyword-in / dict-out adapter: names become the .tflite signature tensor names."""
 
-    def __init__(self, decoder: TextDecoder, compute_logits: bool):
+    def __init__(self, decoder: TextDecoder, compute_logits: bool, span: int | None = None):
         super().__init__()
         self.decoder = decoder
         self.compute_logits = compute_logits
+        self.span = span
         self.cache_names = names.kv_cache_names(len(decoder.cfg.kv_cache_layers))
 
     # The parameter names are the signature's input names (bundle.names.TEXT_CORE_INPUTS).
     def forward(self, embeddings, per_layer_embeddings, input_pos, mask, **kv_cache):
         cache = [kv_cache[name] for name in self.cache_names]
-        logits, cache = self.decoder(embeddings, per_layer_embeddings, input_pos, mask, cache, self.compute_logits)
+        logits, cache = self.decoder(embeddings, per_layer_embeddings, input_pos, mask, cache, self.compute_logits, self.span)
         out = dict(zip(self.cache_names, cache))
         if logits is not None:
             out[names.LOGITS] = logits
@@ -179,6 +180,7 @@ class BundlePlan:
     weights_prefix: str  # prefix of the module's parameters in the weight sources
     signatures: tuple[tuple[str, bool, dict], ...]  # (signature name, logits?, sample inputs)
     encoder: EncoderConfig | None = None
+    spans: dict[str, int] = field(default_factory=dict)  # text core: context-bucket signature -> its span
 
     @property
     def file(self) -> str:
@@ -191,8 +193,30 @@ def sliding_cache_length(cfg: TextConfig, prefill_lengths, cache_length: int, sl
     return ring or cache_length
 
 
+def context_spans(prefill_lengths, cache_length: int, spans=None) -> tuple[int, ...]:
+    """The context buckets of a text core: `spans` as given, else a ladder doubling from 1,024
+    below the cache length (cache 4,096: 1,024 and 2,048). Each must hold the longest prefill
+    call and be shorter than the cache."""
+    if spans is None:
+        spans, span = [], DEFAULT_FIRST_SPAN
+        while span < cache_length:
+            spans.append(span)
+            span *= 2
+    spans = tuple(sorted(set(spans)))
+    longest = max(prefill_lengths, default=1)
+    bad = [s for s in spans if not longest <= s < cache_length]
+    if bad:
+        raise ExportError(f"context spans {list(bad)} must hold the longest prefill length ({longest}) and be shorter "
+                          f"than --cache-length {cache_length}")
+    return spans
+
+
+DEFAULT_FIRST_SPAN = 1024  # below it a global layer's attention is a small part of a step
+
+
 def text_bundle_plans(cfg: TextConfig, prefill_lengths: tuple[int, ...], cache_length: int,
-                      sliding_ring: bool = True) -> list[BundlePlan]:
+                      sliding_ring: bool = True, spans: tuple[int, ...] = ()) -> list[BundlePlan]:
+    """The text bundles; `spans`: the text core's context buckets (context_spans)."""
     if any(n < 1 or n > cache_length for n in prefill_lengths):
         raise ExportError(f"prefill lengths {list(prefill_lengths)} must be between 1 and --cache-length {cache_length}")
     lengths = sorted(set(prefill_lengths))
@@ -215,7 +239,11 @@ def text_bundle_plans(cfg: TextConfig, prefill_lengths: tuple[int, ...], cache_l
             names.TEXT_CORE,
             "decoder.",
             tuple((names.prefill(n), False, text_core_inputs(cfg, n, cache_length, ring)) for n in lengths)
-            + ((names.DECODE, True, text_core_inputs(cfg, 1, cache_length, ring)),),
+            + ((names.DECODE, True, text_core_inputs(cfg, 1, cache_length, ring)),)
+            + tuple(signature for span in spans for signature in (
+                *((names.span_fill(span, n), False, text_core_inputs(cfg, n, cache_length, ring)) for n in lengths),
+                (names.span_step(span), True, text_core_inputs(cfg, 1, cache_length, ring)))),
+            spans={name: span for span in spans for name in (names.span_step(span), *(names.span_fill(span, n) for n in lengths))},
         ),
     ]
 
@@ -268,9 +296,10 @@ def convert_to_tflite(plan: BundlePlan, module: nn.Module, out_path: Path) -> di
     wrappers = {}
     builder = None
     for sig_name, logits, sample in plan.signatures:
-        key = (plan.name, logits)
+        span = plan.spans.get(sig_name)
+        key = (plan.name, logits, span)
         if key not in wrappers:
-            wrapper = TextCoreSignature(module, logits) if plan.name == names.TEXT_CORE else SIGNATURE_WRAPPERS[plan.name](module)
+            wrapper = TextCoreSignature(module, logits, span) if plan.name == names.TEXT_CORE else SIGNATURE_WRAPPERS[plan.name](module)
             wrappers[key] = wrapper.eval()
         builder = (litert_torch if builder is None else builder).signature(sig_name, wrappers[key], sample_kwargs=sample)
     try:

@@ -152,20 +152,25 @@ class Attention(nn.Module):
         v_cache = dynamic_update_slice(v_cache, v, [zero, zero, zero, start])
         return k_cache, v_cache
 
-    def forward(self, x, cos, sin, mask, input_pos, k_cache, v_cache, ring: bool = False):
+    def forward(self, x, cos, sin, mask, input_pos, k_cache, v_cache, ring: bool = False, span: int | None = None):
         # x [B,T,H]; k_cache [B,KVH,C,D]; v_cache [B,KVH,D,C]; mask [1,1,T,C] (C: the ring's R for a ring)
         # Owners write this step's K/V first; KV-shared layers get their source's updated cache.
+        # `span`: attend over the cache's first `span` positions only (a call whose positions all
+        # lie below it); the write still goes to the whole cache.
         if self.owns_kv:
             k_cache, v_cache = self.update_cache(x, cos, sin, input_pos, k_cache, v_cache, ring)
+        keys, values = k_cache, v_cache
+        if span is not None:
+            keys, values, mask = k_cache[:, :, :span], v_cache[..., :span], mask[..., :span]
         B, T, _ = x.shape
         groups = self.num_heads // self.num_kv_heads
         q = rope(self.q_norm(self.q_proj(x).view(B, T, self.num_heads, self.head_dim)), cos, sin)
         # Query head h reads kv head h // groups: fold each kv head's query group next to T.
         q = q.permute(0, 2, 1, 3).reshape(B, self.num_kv_heads, groups * T, self.head_dim)
-        scores = torch.matmul(q, k_cache.transpose(2, 3))  # attention scale is 1.0 (q_norm does it)
+        scores = torch.matmul(q, keys.transpose(2, 3))  # attention scale is 1.0 (q_norm does it)
         scores = scores.view(B, self.num_kv_heads, groups, T, -1) + mask[:, :, None]
         probs = torch.softmax(scores, dim=-1).view(B, self.num_kv_heads, groups * T, -1)
-        out = torch.matmul(probs, v_cache.transpose(2, 3))  # [B,KVH,G*T,D]
+        out = torch.matmul(probs, values.transpose(2, 3))  # [B,KVH,G*T,D]
         out = out.view(B, self.num_heads, T, self.head_dim).transpose(1, 2).reshape(B, T, -1)
         return self.o_proj(out), k_cache, v_cache
 
@@ -250,12 +255,13 @@ class DecoderLayer(nn.Module):
         self.per_layer_projection = nn.Linear(cfg.hidden_size_per_layer_input, h, bias=False)
         self.post_per_layer_input_norm = RMSNorm(h, eps)
 
-    def forward(self, streams, per_layer_input, cos, sin, mask, input_pos, k_cache, v_cache, ring: bool = False):
+    def forward(self, streams, per_layer_input, cos, sin, mask, input_pos, k_cache, v_cache, ring: bool = False,
+                span: int | None = None):
         predictions = self.altup.predict(streams)
         active = predictions[self.active]
         normed = self.input_layernorm(active)
         laurel = self.laurel(normed)
-        attn, k_cache, v_cache = self.self_attn(normed, cos, sin, mask, input_pos, k_cache, v_cache, ring)
+        attn, k_cache, v_cache = self.self_attn(normed, cos, sin, mask, input_pos, k_cache, v_cache, ring, span)
         attn = self.post_attention_layernorm(attn)
         attn_laurel = (active + attn + laurel) / math.sqrt(2)
         ffw = self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(attn_laurel)))
@@ -335,7 +341,11 @@ class TextDecoder(nn.Module):
         mask: torch.Tensor,  # [1,1,T,C] additive
         kv_cache: list[torch.Tensor],  # [k_0, v_0, k_1, v_1, ...] per cache slot
         compute_logits: bool = True,
+        span: int | None = None,  # attend over the first `span` positions of the full-length caches
     ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """`span`: a context bucket. Every position of the call lies below it, so nothing past it
+        could be attended to; reading only that prefix makes the full-length (global) layers cost
+        what the context in use costs, not the cache's capacity. Rings are read whole."""
         cfg = self.cfg
         B, T, H = embeddings.shape
         kv_cache = list(kv_cache)
@@ -370,7 +380,7 @@ class TextDecoder(nn.Module):
                 layer_mask = sliding_mask if cfg.is_sliding(i) else mask
             streams, kv_cache[2 * slot], kv_cache[2 * slot + 1] = layer(
                 streams, per_layer_inputs[:, :, i, :], cos, sin, layer_mask, input_pos,
-                kv_cache[2 * slot], kv_cache[2 * slot + 1], ring,
+                kv_cache[2 * slot], kv_cache[2 * slot + 1], ring, None if ring or span is None or span >= slots else span,
             )
 
         if not compute_logits:

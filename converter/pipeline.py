@@ -27,7 +27,7 @@ from bundle.manifest import BundleEntry, Manifest, Mask, MatformerEntry, Source,
 from converter import __version__
 from converter.checkpoint import RandomWeights, SafetensorsCheckpoint, expected_shapes, materialize
 from converter.config import VARIANTS, EncoderConfig, TextConfig, encoder_configs_from_hf, load_hf_config, variant_config, variant_encoders
-from converter.export import (build_module, convert_to_tflite, encoder_manifest, media_bundle_plans, sliding_cache_length,
+from converter.export import (build_module, context_spans, convert_to_tflite, encoder_manifest, media_bundle_plans, sliding_cache_length,
                               text_bundle_plans)
 from converter.encoders import end_of_media
 from converter.matformer import MatformerSlice, SlicedWeights, load_matformer
@@ -55,6 +55,7 @@ class ConvertOptions:
     prefill_lengths: tuple[int, ...] = (32, 128)
     cache_length: int = 1024
     sliding_ring: bool = True  # sliding layers' caches as window-sized rings (converter/model.py)
+    context_spans: tuple[int, ...] | None = None  # the text core's context buckets; None: the default ladder
     tokenizer: Path | None = None
     bundles: tuple[str, ...] | None = None  # None: every bundle the model has (no encoders for text-only checkpoints)
     matformer: str | None = None  # a MatFormer configuration to slice to on the fly: a published name or a JSON file
@@ -182,7 +183,9 @@ def convert(opts: ConvertOptions, on_stage: Callable[[str], None] = lambda s: No
     tokenizer = find_tokenizer(opts, checkpoint_dir)
     if tokenizer is not None:
         check_tokenizer(tokenizer, cfg)
-    plans = [p for p in text_bundle_plans(cfg, opts.prefill_lengths, opts.cache_length, opts.sliding_ring) if p.name in wanted]
+    spans = context_spans(opts.prefill_lengths, opts.cache_length, opts.context_spans)
+    plans = [p for p in text_bundle_plans(cfg, opts.prefill_lengths, opts.cache_length, opts.sliding_ring, spans)
+             if p.name in wanted]
     plans += [plan for enc in encoders.values() for plan in media_bundle_plans(enc)]
 
     out = Path(opts.out)
@@ -255,6 +258,7 @@ def convert(opts: ConvertOptions, on_stage: Callable[[str], None] = lambda s: No
                 prefill_lengths=tuple(sorted(set(opts.prefill_lengths))),
                 kv_cache_layout=dict(names.KV_CACHE_LAYOUT),
                 sliding_cache_length=sliding if sliding < opts.cache_length else None,
+                context_spans=spans if spans and names.TEXT_CORE in wanted else None,
                 mask=Mask(attend=names.MASK_ATTEND, blocked=names.MASK_BLOCKED,
                           note="full-attention mask; sliding layers narrow it in-graph"),
                 bundles=bundles,

@@ -88,7 +88,8 @@ class CompiledCore:
     to the file and every load maps them: they count once, and later loads skip the packing.
     runtime/weight_cache.py builds the file safely and decides when one may be mapped."""
 
-    def __init__(self, path: Path, cache_shapes: dict, num_threads: int | None, weight_cache: WeightCache | None = None):
+    def __init__(self, path: Path, cache_shapes: dict, num_threads: int | None, weight_cache: WeightCache | None = None,
+                 logit_signatures: frozenset[str] = frozenset({names.DECODE})):
         # Verifies the flatbuffer before the unverifying loader sees it; no delegate, so no packing.
         open_interpreter(path, reference=True)
         with quiet_native_logs():
@@ -119,6 +120,7 @@ class CompiledCore:
         except (ValueError, RuntimeError) as exc:
             raise BundleError(f"LiteRT could not compile {path}: {' '.join(str(exc).split())}") from exc
         self.cache_shapes = cache_shapes
+        self.logit_signatures = logit_signatures  # every one writes the same logits buffer
         self.warm: set[str] = set()
 
     def reset(self) -> None:
@@ -131,7 +133,7 @@ class CompiledCore:
         for name, value in inputs.items():
             buffers[name].write(value)
         outputs = dict(self.cache)
-        if signature == names.DECODE:
+        if signature in self.logit_signatures:
             outputs[names.LOGITS] = self.logits[0]
         if signature in self.warm:
             self.model.run_by_name(signature, {**buffers, **self.cache}, outputs)
@@ -196,12 +198,17 @@ class TextEngine:
         if decode is None:
             raise BundleError(f"{self.folder}: the text core has no {names.DECODE} signature in manifest.json")
         cache_shapes = {k: list(v.shape) for k, v in decode.inputs.items() if k.startswith(names.KV_CACHE_PREFIX)}
+        # Context buckets the manifest declares (and the text core has): the smallest span that
+        # holds a call's positions serves it (TextEngine.signature).
+        self.spans = [s for s in sorted(self.manifest.context_spans or ())
+                      if names.span_step(s) in core_entry.signatures]
+        logit_signatures = frozenset(name for name, sig in core_entry.signatures.items() if names.LOGITS in sig.outputs)
         if backend == "compiled" and not reference:
             weight_cache = None
             if weight_cache_dir is not None and names.TEXT_CORE not in (files or {}):
                 cache_file = Path(weight_cache_dir) / f"{names.TEXT_CORE}-{core_entry.sha256[:16]}.xnnpack_cache"
                 weight_cache = WeightCache(cache_file, paths[names.TEXT_CORE], verified_sha256)
-            self.core = CompiledCore(paths[names.TEXT_CORE], cache_shapes, num_threads, weight_cache)
+            self.core = CompiledCore(paths[names.TEXT_CORE], cache_shapes, num_threads, weight_cache, logit_signatures)
         elif backend in ("compiled", "interpreter"):
             self.core = InterpreterCore(paths[names.TEXT_CORE], cache_shapes, num_threads, reference)
         else:
@@ -253,8 +260,17 @@ class TextEngine:
                 names.INPUT_POS: positions.astype(np.int32),
                 names.MASK: self._mask(positions),
             }
-            signature = names.prefill(n) if not want_logits and n in self.prefill_lengths else names.DECODE
-            return self.core.run(signature, inputs, want_logits)
+            return self.core.run(self.signature(n, int(positions[-1]) + 1, want_logits), inputs, want_logits)
+
+    def signature(self, n: int, end: int, want_logits: bool) -> str:
+        """The text-core signature for a call of `n` positions ending before position `end`: a
+        prefill length without logits, else the single-token step; within the smallest context
+        bucket that holds `end` positions, when the bundle has one."""
+        prefill = not want_logits and n in self.prefill_lengths
+        span = next((s for s in self.spans if end <= s), None)
+        if span is None:
+            return names.prefill(n) if prefill else names.DECODE
+        return names.span_fill(span, n) if prefill else names.span_step(span)
 
     def _look_up(self, token_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The embedder's and PLE's rows for `token_ids`: [1, n, H] and [1, n, layers * width].

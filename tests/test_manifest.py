@@ -56,6 +56,7 @@ def _mutations():
         ("cache length in TiB", put(1 << 40, "cache_length"), ["cache_length"]),
         ("cache shape in TiB", put([1, 1 << 20, 1 << 20, 1 << 10], *k0, "shape"), ["larger than any bundle tensor"]),
         ("prefill past the cache", put([TINY_CACHE + 1], "prefill_lengths"), ["prefill length"]),
+        ("a context span as long as the cache", put([TINY_CACHE], "context_spans"), ["context span"]),
         ("a bool for an int", put(True, "cache_length"), ["cache_length", "integer"]),
         ("NaN mask", put(float("nan"), "mask", "blocked"), ["mask.blocked", "finite"]),
         ("a path that climbs out", put("../../other/text_core.tflite", *core, "file"), ["not a plain file name"]),
