@@ -60,6 +60,7 @@ bench: setup
 	$(BIN)/python bench/run.py --out docs/BENCHMARKS.md
 	$(BIN)/python bench/matformer.py --out docs/MATFORMER.md
 	$(BIN)/python bench/context.py --out docs/CONTEXT.md --e4b
+	$(BIN)/python bench/llamacpp.py --out docs/LLAMACPP.md
 
 clean:
 	rm -rf out artifacts .pytest_cache

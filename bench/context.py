@@ -2,13 +2,14 @@
 
 What a text session costs as a function of the context in use and of the cache's capacity: E2B
 int4 text bundles (random weights) converted at several cache lengths with the sliding layers'
-ring (and one without it, for comparison), each run by g3n-run and by LiteRT-LM (the same files
+ring and the default context buckets (and the largest cache once more without buckets, for
+comparison), each run by g3n-run and by LiteRT-LM (the same files
 packed as .litertlm) at several prompt lengths, interleaved, on one machine in one run. Then each
 folder's resident memory at a 1,024-token prompt, broken down (bench/memory.py), against the 2 GB
 that a phone's E2B text session is given; with --e4b also E4B's against 3 GB.
 
     python bench/context.py [--out docs/CONTEXT.md] [--work DIR] [--caches 1280,4096,8192]
-                            [--prompts 128,512,1024,2048] [--repeats 2] [--e4b] [--render-only]
+                            [--prompts 128,512,1024,2048] [--repeats 2] [--e4b] [--no-ring-folder] [--render-only]
 
 Folders already in --work are reused. Every figure, the conversions' wall time and peak RSS
 included, goes to --work's context.json; --render-only rewrites the page from it.
@@ -37,8 +38,9 @@ ENGINES = ("compiled", "litert-lm")
 ENGINE_NAMES = {"compiled": "g3n-run", "litert-lm": "LiteRT-LM"}
 
 
-def convert(variant: str, cache: int, ring: bool, work: Path) -> tuple[Path, dict]:
-    folder = work / f"{variant}-{cache}-{'ring' if ring else 'full'}"
+def convert(variant: str, cache: int, ring: bool, work: Path, spans: bool = True) -> tuple[Path, dict]:
+    """E2B / E4B int4 text bundles at `cache`; `spans`: with the default context buckets."""
+    folder = work / f"{variant}-{cache}-{'ring' if ring else 'full'}{'' if spans else '-nospans'}"
     if (folder / "manifest.json").is_file():
         return folder, {"reused": True}
     tokenizer = work / f"{variant}-tokenizer.model"
@@ -46,7 +48,7 @@ def convert(variant: str, cache: int, ring: bool, work: Path) -> tuple[Path, dic
         subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--full-vocab-tokenizer", str(tokenizer),
                         "--variant", variant], cwd=ROOT, check=True)
     args = ["--variant", variant, *TEXT_ONLY, "--cache-length", str(cache), "--tokenizer", str(tokenizer),
-            "--out", str(folder), "-q", *([] if ring else ["--no-sliding-ring"])]
+            "--out", str(folder), "-q", *([] if ring else ["--no-sliding-ring"]), *([] if spans else ["--context-spans", "none"])]
     print(f"converting {folder.name}", flush=True)
     _, result = measured_run([*CONVERT, *args])
     if "error" in result:
@@ -85,13 +87,14 @@ def speed_table(rows: list[dict], base_cache: int) -> list[str]:
     for key in sorted({(r["folder"], r["engine"], r["prompt"]) for r in rows}):
         runs = [r for r in rows if (r["folder"], r["engine"], r["prompt"]) == key]
         med[key] = {k: statistics.median(r[k] for r in runs) for k in ("prefill", "decode", "peak_rss")} | {
-            "runs": len(runs), "cache": runs[0]["cache"], "ring": runs[0]["ring"]}
-    lines = ["| cache length | sliding ring | engine | prompt tokens | runs | prefill tok/s | decode tok/s | prefill / base | decode / base | peak RSS |",
-             "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for (folder, engine, prompt), m in sorted(med.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[1]["cache"], not kv[1]["ring"])):
+            "runs": len(runs), "cache": runs[0]["cache"], "ring": runs[0]["ring"], "spans": runs[0].get("spans", [])}
+    lines = ["| cache length | sliding ring | context buckets | engine | prompt tokens | runs | prefill tok/s | decode tok/s | prefill / base | decode / base | peak RSS |",
+             "|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for (folder, engine, prompt), m in sorted(med.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[1]["cache"], not kv[1]["ring"], not kv[1]["spans"])):
         base = next((v for (f, e, p), v in med.items() if e == engine and p == prompt and v["cache"] == base_cache and v["ring"]), None)
         ratio = (f"{m['prefill'] / base['prefill']:.2f} | {m['decode'] / base['decode']:.2f}" if base else " | ")
-        lines.append(f"| {m['cache']:,} | {'yes' if m['ring'] else 'no'} | {ENGINE_NAMES[engine]} | {prompt:,} | {m['runs']} | "
+        buckets = ", ".join(f"{s:,}" for s in m["spans"]) or "none"
+        lines.append(f"| {m['cache']:,} | {'yes' if m['ring'] else 'no'} | {buckets} | {ENGINE_NAMES[engine]} | {prompt:,} | {m['runs']} | "
                      f"{m['prefill']:.1f} | {m['decode']:.2f} | {ratio} | {m['peak_rss'] / 2**20:,.0f} MiB |")
     return lines
 
@@ -147,6 +150,7 @@ def main() -> None:
     parser.add_argument("--prompts", default="128,512,1024,2048")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--e4b", action="store_true", help="also E4B's memory at cache 4,096 (a 9-minute conversion)")
+    parser.add_argument("--no-ring-folder", action="store_true", help="also a cache-4,096 folder without the sliding ring")
     parser.add_argument("--render-only", action="store_true", help="rewrite --out from --work's context.json, measuring nothing")
     args = parser.parse_args()
     if args.render_only:
@@ -158,9 +162,12 @@ def main() -> None:
     scratch = args.work / "scratch"
     scratch.mkdir(exist_ok=True)
 
+    # Every cache with its default context buckets, the largest also without them (what the
+    # buckets buy), and optionally one without the sliding ring.
+    variants = [(c, True, True) for c in caches] + [(max(caches), True, False)] + ([(4096, False, True)] if args.no_ring_folder else [])
     folders, conversions = [], {}
-    for cache, ring in [(c, True) for c in caches] + [(4096, False)]:
-        folder, result = convert("e2b", cache, ring, args.work)
+    for cache, ring, spans in variants:
+        folder, result = convert("e2b", cache, ring, args.work, spans)
         folders.append((folder, cache, ring))
         conversions[folder.name] = result
 
@@ -179,12 +186,13 @@ def main() -> None:
                         failures.append(f"{ENGINE_NAMES[engine]}, cache {cache:,}, prompt {prompt:,}: {r['error']}")
                         print(failures[-1], flush=True)
                         continue
-                    rows.append({"folder": folder.name, "cache": cache, "ring": ring, "engine": engine, "prompt": prompt,
+                    spans = json.loads((folder / "manifest.json").read_text()).get("context_spans") or []
+                    rows.append({"folder": folder.name, "cache": cache, "ring": ring, "spans": spans, "engine": engine, "prompt": prompt,
                                  "prefill": r["prefill_tokens_per_second"], "decode": r["decode_tokens_per_second"],
                                  "peak_rss": r["peak_rss"]})
                     print(json.dumps(rows[-1]), flush=True)
 
-    memory_folders = [(f, "e2b", ring) for f, cache, ring in folders if cache == 4096]
+    memory_folders = [(f, "e2b", ring) for f, cache, ring in folders if cache == 4096 and not f.name.endswith("-nospans")]
     if args.e4b:
         memory_folders.append((convert("e4b", 4096, True, args.work)[0], "e4b", True))
     mem, sweep = [], []
@@ -217,7 +225,9 @@ def render(data: dict, out: Path) -> None:
         "",
         "E2B int4 text bundles, random weights: `g3n-convert --variant e2b " + " ".join(TEXT_ONLY) + " --cache-length N` "
         "(the sliding layers keep a ring of window + longest prefill - 1 slots; `--no-sliding-ring` keeps the whole "
-        f"cache). Each run is one process: load, prefill a prompt of random token ids, decode {NEW_TOKENS} tokens greedily, "
+        "cache; the default context buckets add signatures that attend over the cache's first 1,024 / 2,048 / ... "
+        "positions, which g3n-run picks while the context fits and LiteRT-LM leaves alone; `--context-spans none` "
+        f"leaves them out). Each run is one process: load, prefill a prompt of random token ids, decode {NEW_TOKENS} tokens greedily, "
         "2 threads, weight caches warm; LiteRT-LM (litert-lm-api) runs the same files packed as .litertlm. Prefill tok/s "
         "counts LiteRT-LM's way (prompt tokens over the time to prefill all but the last). Ratios are against the "
         f"{caches[0]:,}-token cache at the same prompt and engine: 1.00 means the larger capacity costs nothing.",

@@ -69,13 +69,13 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}), {mem_kb / 2**20:.0f} GiB RAM, Python {platform.python_version()}"
 
 
-def measured_run(cmd: list[str]) -> tuple[str, dict]:
+def measured_run(cmd: list[str], env: dict | None = None) -> tuple[str, dict]:
     """Run `cmd` as its own process; returns its stdout and {seconds, peak_rss} (from wait4),
     plus "error" (its last stderr line) when it failed. Output goes through temporary files so
     that wait4, not communicate(), reaps the process and reports its rusage."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, text=True)
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, text=True, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
         result = {"seconds": time.perf_counter() - start, "peak_rss": usage.ru_maxrss * 1024}
         out.seek(0)
