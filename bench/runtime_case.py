@@ -55,8 +55,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             media[args.media] = write_medium(args.media, Path(tmp))
             prompt = " ".join(["the"] * args.prompt_tokens)  # text: a media prompt is tokenized, not given as ids
-            bundle = session.manifest.encoders["vision" if args.media == "image" else "audio"].bundle
-            encoder_bytes = session.manifest.bundles[bundle].bytes
+            encoder = session.manifest.encoders["vision" if args.media == "image" else "audio"]
+            loaded = [encoder.bundle, *([encoder.adapter] if encoder.adapter else [])]  # what g3n-run loads for it
+            encoder_bytes = sum(session.manifest.bundles[b].bytes for b in loaded)
             started = time.perf_counter()
             result = session.generate(prompt, raw=True, max_new_tokens=args.new_tokens, **media)
     else:
