@@ -145,6 +145,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "LLAMACPP.md")
     parser.add_argument("--prompts", default="128,1024")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--prepare-only", action="store_true", help="build, write and convert, but run nothing (timed runs later)")
     parser.add_argument("--write-checkpoint", type=Path, help=argparse.SUPPRESS)  # internal: write it and exit
     args = parser.parse_args()
     if args.write_checkpoint:
@@ -174,6 +175,12 @@ def main() -> None:
     print("converting with llama.cpp ...", flush=True)
     ggufs = llama_gguf(checkpoint, bin_dir, source, work)
     conversions.update({f"llama.cpp {name}": figures for name, (_, figures) in ggufs.items()})
+    previous = work / "conversions.json"  # figures of conversions an earlier --prepare-only run made
+    measured = {name: figures for name, figures in conversions.items() if "seconds" in figures}
+    conversions = {**(json.loads(previous.read_text()) if previous.is_file() else {}), **measured}
+    previous.write_text(json.dumps(conversions))
+    if args.prepare_only:
+        return
 
     os.environ["G3N_CACHE_DIR"] = str(work / "g3n-cache")
     run_generation(folder, prompts[0], "compiled", work)  # builds g3n-run's weight cache: not counted
