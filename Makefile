@@ -61,6 +61,7 @@ bench: setup
 	$(BIN)/python bench/matformer.py --out docs/MATFORMER.md
 	$(BIN)/python bench/context.py --out docs/CONTEXT.md --e4b
 	$(BIN)/python bench/llamacpp.py --out docs/LLAMACPP.md
+	$(BIN)/python bench/export_hf.py --out docs/EXPORT_HF.md
 
 clean:
 	rm -rf out artifacts .pytest_cache

@@ -1,8 +1,9 @@
 """make bench, llama.cpp part -> docs/LLAMACPP.md: g3n-run against llama.cpp, what desktop users run
 Gemma 3n with, on the same random E2B weights, on this machine, in one run.
 
-  1. A random E2B text checkpoint in transformers' Gemma3nForCausalLM layout (bf16), written from
-     g3n's RandomWeights (seed 0): the weights `g3n-convert --variant e2b --random-weights` uses.
+  1. A random E2B text checkpoint in transformers' Gemma3nForCausalLM layout (bf16), written by
+     bench/checkpoints.py from g3n's RandomWeights (seed 0): the weights `g3n-convert --variant e2b
+     --random-weights` uses.
   2. g3n: `g3n-convert --checkpoint CK --quant int4` (text bundles), run by g3n-run
      (bench/runtime_case.py): prefill N random tokens, decode 32.
   3. llama.cpp, built in its own folder from the llama-cpp-python sdist on PyPI (its vendored
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -38,48 +38,15 @@ QUANTS = ("Q4_0", "Q4_K_M")
 THREADS = 2
 
 
-def write_random_checkpoint(folder: Path, variant: str = "e2b", seed: int = 0) -> int:
-    """g3n's random weights for `variant` as a Hugging Face Gemma3nForCausalLM checkpoint in bf16,
-    written a block of rows at a time. KV-shared layers' K/V projections, which transformers keeps
-    and nothing reads, get zeros. Returns the bytes written."""
-    import torch
-    from transformers import Gemma3nForCausalLM, Gemma3nTextConfig
-
-    from converter.checkpoint import RandomWeights, expected_shapes, text_name_map
-    from converter.config import text_config_to_hf, variant_config
-    from converter.hf_slice import BLOCK_BYTES, INDEX_FILE, safetensors_header, shard, shard_files
-
-    cfg = variant_config(variant).replace(vision_tokens=None, audio_tokens=None)  # a text-only checkpoint
-    source = RandomWeights(cfg, seed, expected_shapes(cfg))
-    hf = Gemma3nTextConfig(**text_config_to_hf(cfg))
-    with torch.device("meta"):
-        model = Gemma3nForCausalLM(hf)
-    ours = {"model." + theirs: name for name, theirs in text_name_map(cfg).items()}
-    entries = [(n, "BF16", tuple(p.shape)) for n, p in model.state_dict().items() if n != "lm_head.weight"]
-    shards = shard(entries, lambda e: 2 * math.prod(e[2]), 4 << 30)
-    folder.mkdir(parents=True, exist_ok=True)
-    weight_map, total = {}, 0
-    for file, group in zip(shard_files(len(shards)), shards):
-        with open(folder / file, "wb") as fh:
-            fh.write(safetensors_header(group))
-            for name, _, shape in group:
-                rows = shape[0]
-                row_elems = math.prod(shape[1:]) if len(shape) > 1 else 1
-                step = max(1, BLOCK_BYTES // (4 * row_elems))
-                for r in range(0, rows, step):
-                    stop = min(rows, r + step)
-                    if name in ours:
-                        block = torch.from_numpy(source.read_rows(ours[name], r, stop))
-                    else:
-                        block = torch.zeros((stop - r, *shape[1:]))
-                    fh.write(block.to(torch.bfloat16).contiguous().view(torch.uint8).numpy().tobytes())
-                    total += 2 * block.numel()
-                weight_map[name] = file
-    (folder / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
-    config = hf.to_dict()
-    config.update(architectures=["Gemma3nForCausalLM"], model_type="gemma3n_text", torch_dtype="bfloat16")
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    return total
+def write_checkpoint(folder: Path, variant: str, layers: int | None = None) -> None:
+    """bench/checkpoints.py in child processes (torch stays out of this one, whose image every
+    child's ru_maxrss would include), with the full-vocabulary test tokenizer."""
+    tokenizer = folder.parent / f"{variant}-tokenizer.model"
+    if not tokenizer.is_file():
+        subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--full-vocab-tokenizer", str(tokenizer),
+                        "--variant", variant], cwd=ROOT, check=True)
+    subprocess.run([sys.executable, str(ROOT / "bench" / "checkpoints.py"), str(folder), "--variant", variant,
+                    "--tokenizer", str(tokenizer), *(["--layers", str(layers)] if layers else [])], cwd=ROOT, check=True)
 
 
 def build_llama_cpp(work: Path) -> tuple[Path, Path]:
@@ -146,11 +113,7 @@ def main() -> None:
     parser.add_argument("--prompts", default="128,1024")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--prepare-only", action="store_true", help="build, write and convert, but run nothing (timed runs later)")
-    parser.add_argument("--write-checkpoint", type=Path, help=argparse.SUPPRESS)  # internal: write it and exit
     args = parser.parse_args()
-    if args.write_checkpoint:
-        write_random_checkpoint(args.write_checkpoint)
-        return
     prompts = [int(p) for p in args.prompts.split(",")]
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
@@ -158,11 +121,7 @@ def main() -> None:
     checkpoint = work / "e2b-random-bf16"
     if not (checkpoint / "config.json").is_file():
         print("writing the random E2B checkpoint ...", flush=True)
-        tokenizer = checkpoint / "tokenizer.model"
-        checkpoint.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--full-vocab-tokenizer", str(tokenizer),
-                        "--variant", "e2b"], cwd=ROOT, check=True)
-        subprocess.run([sys.executable, __file__, "--write-checkpoint", str(checkpoint)], cwd=ROOT, check=True)
+        write_checkpoint(checkpoint, "e2b")
     conversions = {}
     folder = work / "g3n-e2b-int4"
     if not (folder / "manifest.json").is_file():

@@ -3,7 +3,7 @@
 For a spread of published configurations of E4B, at int4 with random weights: the text bundles'
 sizes (measured) and the whole folder's (estimated), g3n-run's prefill and decode speed and a text
 session's peak RSS, the conversion's peak RSS, next to the published MMLU. Then `g3n-convert slice`
-at real size: a random bf16 E4B checkpoint (written here, streamed) sliced to the official E2B, with
+at real size: a random bf16 E4B checkpoint (bench/checkpoints.py, streamed) sliced to the official E2B, with
 its peak RSS.
 
     python bench/matformer.py [--out docs/MATFORMER.md] [--configs a,b,c] [--skip-slice]
@@ -12,8 +12,6 @@ its peak RSS.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import shutil
 import subprocess
@@ -37,53 +35,13 @@ CONVERT_ARGS = ["--variant", "e4b", "--random-weights", "--quant", "int4", "--no
 MEMORY_TARGET = 16 * 2**30
 
 
-def write_random_e4b(folder: Path, shard_bytes: int = 4 << 30) -> int:
-    """A random E4B text checkpoint in bf16, in transformers' Gemma3nForCausalLM layout (shapes
-    and names from the model built on the meta device), written a block at a time. Returns bytes."""
-    import torch
-    from transformers import Gemma3nForCausalLM, Gemma3nTextConfig
-
-    from converter.config import text_config_to_hf, variant_config
-    from converter.hf_slice import BLOCK_BYTES, INDEX_FILE, safetensors_header, shard, shard_files
-
-    cfg = variant_config("e4b")
-    hf = Gemma3nTextConfig(**text_config_to_hf(cfg))
-    with torch.device("meta"):
-        model = Gemma3nForCausalLM(hf)
-    entries = [(n, "BF16", tuple(p.shape)) for n, p in model.state_dict().items() if n != "lm_head.weight"]
-    shards = shard(entries, lambda e: 2 * math.prod(e[2]), shard_bytes)
-    folder.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(0)
-    weight_map, total = {}, 0
-    for file, group in zip(shard_files(len(shards)), shards):
-        with open(folder / file, "wb") as fh:
-            fh.write(safetensors_header(group))
-            for name, _, shape in group:
-                rows = shape[0] if shape else 1
-                row_elems = math.prod(shape[1:]) if len(shape) > 1 else (shape[0] if shape else 1)
-                step = max(1, BLOCK_BYTES // (2 * row_elems)) if len(shape) > 1 else rows
-                for r in range(0, rows, step):
-                    n = min(step, rows - r) * row_elems if len(shape) > 1 else math.prod(shape)
-                    block = (torch.randn(n, generator=gen) * (0.1 if "norm" in name else 0.02)).to(torch.bfloat16)
-                    if "norm" in name:
-                        block += 1
-                    fh.write(block.view(torch.uint8).numpy().tobytes())
-                    total += 2 * n
-                weight_map[name] = file
-    (folder / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
-    config = hf.to_dict()
-    config.update(architectures=["Gemma3nForCausalLM"], model_type="gemma3n_text")
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    return total
-
-
 def slice_case(tmp: Path) -> dict:
     """`g3n-convert slice` at real size, in its own process (peak RSS from wait4). The random
     checkpoint is written by a child too: torch stays out of this process, whose image a child's
     ru_maxrss would otherwise include."""
     source, out = tmp / "e4b-random-bf16", tmp / "e2b-sliced"
     print("writing a random bf16 E4B checkpoint ...", flush=True)
-    subprocess.run([sys.executable, __file__, "--write-e4b", str(source)], cwd=ROOT, check=True)
+    subprocess.run([sys.executable, str(ROOT / "bench" / "checkpoints.py"), str(source), "--variant", "e4b"], cwd=ROOT, check=True)
     print("slicing it to official-e2b-model ...", flush=True)
     stdout, result = measured_run([*CONVERT, "slice", "--checkpoint", str(source), "--matformer", "official-e2b-model",
                                    "--out", str(out), "-q"])
@@ -248,11 +206,7 @@ def main() -> None:
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--skip-slice", action="store_true", help="skip the real-size `g3n-convert slice` run")
     parser.add_argument("--skip-convert", action="store_true", help="only the real-size slice")
-    parser.add_argument("--write-e4b", type=Path, help=argparse.SUPPRESS)  # internal: write the random checkpoint and exit
     args = parser.parse_args()
-    if args.write_e4b:
-        write_random_e4b(args.write_e4b)
-        return
 
     cases, sliced = {}, None
     with tempfile.TemporaryDirectory(prefix="g3n-matformer-") as tmp:
