@@ -18,6 +18,7 @@ given ai_edge_litert's identical flatbuffer schema here instead of installing Te
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.machinery
 import json
 import os
@@ -38,7 +39,7 @@ PREFILL, CACHE = 128, 4096
 
 def run_litert_torch_export(argv: list[str]) -> None:
     """litert-torch's CLI (`litert-torch export_hf ...`) with the TensorFlow schema module aliased."""
-    import litert_torch  # noqa: F401  (torch._dynamo looks for tensorflow: import it before the alias exists)
+    importlib.import_module("litert_torch")  # torch._dynamo looks for tensorflow: load it before the alias exists
     from ai_edge_litert import schema_py_generated
 
     for name in ("tensorflow", "tensorflow.lite", "tensorflow.lite.python"):
