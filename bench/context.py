@@ -12,7 +12,8 @@ that a phone's E2B text session is given; with --e4b also E4B's against 3 GB.
                             [--prompts 128,512,1024,2048] [--repeats 2] [--e4b] [--no-ring-folder] [--render-only]
 
 Folders already in --work are reused. Every figure, the conversions' wall time and peak RSS
-included, goes to --work's context.json; --render-only rewrites the page from it.
+included, goes to --work's context.json; --render-only rewrites the page from it. The speed rows
+are also kept in --work's speed.json: --reuse-speed adds a run's rows to an earlier run's.
 """
 
 from __future__ import annotations
@@ -151,6 +152,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--e4b", action="store_true", help="also E4B's memory at cache 4,096 (a 9-minute conversion)")
     parser.add_argument("--no-ring-folder", action="store_true", help="also a cache-4,096 folder without the sliding ring")
+    parser.add_argument("--reuse-speed", action="store_true", help="keep the speed rows of an earlier run in --work and add this run's (--repeats 0: none)")
     parser.add_argument("--render-only", action="store_true", help="rewrite --out from --work's context.json, measuring nothing")
     args = parser.parse_args()
     if args.render_only:
@@ -171,8 +173,11 @@ def main() -> None:
         folders.append((folder, cache, ring))
         conversions[folder.name] = result
 
+    speed = args.work / "speed.json"  # the speed runs' rows, kept so that a later step's failure loses none of them
     rows, failures = [], []
-    for folder, _, _ in folders:  # the first run of each engine builds its weight cache: not counted
+    if args.reuse_speed and speed.is_file():  # this run's rows are added to them
+        rows, failures = json.loads(speed.read_text())
+    for folder, _, _ in folders if args.repeats else []:  # the first run of each engine builds its weight cache: not counted
         for engine in ENGINES:
             run_generation(folder, prompts[0], engine, scratch)
     for repeat in range(args.repeats):
@@ -192,7 +197,9 @@ def main() -> None:
                                  "peak_rss": r["peak_rss"]})
                     print(json.dumps(rows[-1]), flush=True)
 
-    memory_folders = [(f, "e2b", ring) for f, cache, ring in folders if cache == 4096 and not f.name.endswith("-nospans")]
+    speed.write_text(json.dumps([rows, failures]))
+    memory_folders = [(args.work / name, "e2b", ring) for name, ring in (("e2b-4096-ring", True), ("e2b-4096-full", False))
+                      if (args.work / name / "manifest.json").is_file()]
     if args.e4b:
         memory_folders.append((convert("e4b", 4096, True, args.work)[0], "e4b", True))
     mem, sweep = [], []
