@@ -62,6 +62,7 @@ bench: setup
 	$(BIN)/python bench/context.py --out docs/CONTEXT.md --e4b
 	$(BIN)/python bench/llamacpp.py --out docs/LLAMACPP.md
 	$(BIN)/python bench/export_hf.py --out docs/EXPORT_HF.md
+	$(BIN)/python bench/summary.py --page docs/BENCHMARKS.md
 
 clean:
 	rm -rf out artifacts .pytest_cache

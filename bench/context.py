@@ -241,7 +241,7 @@ def render(data: dict, out: Path) -> None:
         "",
         *speed_table(rows, caches[0]),
         "",
-        *(["Points that did not run:", "", *(f"- {f}" for f in data["failures"]), ""] if data["failures"] else []),
+        *(["Points that did not run:", "", *(f"- {f}" for f in dict.fromkeys(data["failures"])), ""] if data["failures"] else []),
         f"![decode speed against context in use, and peak RSS against prompt length](bench/{plot_path.name})",
         "",
         "## Memory: a text session at a 1,024-token prompt, cache 4,096",
