@@ -36,12 +36,13 @@ def text_config(variant: str, layers: int | None = None):
 
 def write_random_checkpoint(folder: Path, cfg, seed: int = 0, shard_bytes: int = 4 << 30) -> int:
     """`cfg`'s random weights as a Gemma3nForCausalLM checkpoint in bf16, written a block of rows at
-    a time. KV-shared layers' K/V projections, which transformers keeps and nothing reads, are
-    zeros. Returns the bytes written."""
+    a time. KV-shared layers' K/V projections and K norms, which nothing reads, are zeros: Google's
+    published checkpoints carry them and llama.cpp's loader requires them, though transformers no
+    longer builds them. Returns the bytes written."""
     import torch
     from transformers import Gemma3nForCausalLM, Gemma3nTextConfig
 
-    from converter.checkpoint import RandomWeights, expected_shapes, text_name_map
+    from converter.checkpoint import KV_OWNER_TENSORS, RandomWeights, expected_shapes, text_name_map
     from converter.config import text_config_to_hf
     from converter.hf_slice import BLOCK_BYTES, INDEX_FILE, safetensors_header, shard, shard_files
 
@@ -50,7 +51,11 @@ def write_random_checkpoint(folder: Path, cfg, seed: int = 0, shard_bytes: int =
     with torch.device("meta"):
         model = Gemma3nForCausalLM(hf)
     ours = {"model." + theirs: name for name, theirs in text_name_map(cfg).items()}
-    entries = [(n, "BF16", tuple(p.shape)) for n, p in model.state_dict().items() if n != "lm_head.weight"]
+    state = model.state_dict()
+    for i in range(cfg.first_kv_shared_layer, cfg.num_layers):
+        for tensor in KV_OWNER_TENSORS:
+            state.setdefault(f"model.layers.{i}.{tensor}", state[f"model.layers.0.{tensor}"])
+    entries = [(n, "BF16", tuple(p.shape)) for n, p in state.items() if n != "lm_head.weight"]
     shards = shard(entries, lambda e: 2 * math.prod(e[2]), shard_bytes)
     folder.mkdir(parents=True, exist_ok=True)
     weight_map, total = {}, 0

@@ -13,7 +13,11 @@ once then write one file together, and a cache left by another text core gives w
   * before a cache is mapped its record must match the cache file as it is on disk, its header's
     buffer list must end at the end of the file, and the text core must be the one it was built
     from (the same sha256, when the caller has verified the file; else the same file, unchanged).
-    Anything else is rebuilt, never used.
+    Anything else is rebuilt, never used;
+  * the folder keeps to a byte budget ($G3N_WEIGHT_CACHE_BYTES, default 8 GiB: an E2B int4 cache
+    is 1.4 GB, E4B 2.5 GB): after a build, the least recently used other caches are deleted until
+    the rest fit, each only once its lock is free (a process mapping a deleted cache keeps its
+    pages; the next load of that text core builds it again).
 """
 
 from __future__ import annotations
@@ -31,6 +35,16 @@ from bundle.verified import file_key
 
 T = TypeVar("T")
 HEADER = struct.Struct("<QQQ")  # XNNPACK weight cache: version, buffer list offset, buffer list size
+SUFFIX = ".xnnpack_cache"
+DEFAULT_BUDGET_BYTES = 8 << 30
+
+
+def budget_bytes() -> int:
+    value = os.environ.get("G3N_WEIGHT_CACHE_BYTES", "")
+    try:
+        return int(value) if value else DEFAULT_BUDGET_BYTES
+    except ValueError:
+        raise ValueError(f"G3N_WEIGHT_CACHE_BYTES must be a number of bytes, not {value!r}") from None
 
 
 def header_ok(path: Path) -> bool:
@@ -49,6 +63,8 @@ class WeightCache:
         """`model_sha256`: the text core's sha256 if the caller has checked the file against it."""
         self.path = Path(path)
         self.record = self.path.with_name(self.path.name + ".json")
+        self.lock = self.path.with_name(self.path.name + ".lock")
+        self.budget = budget_bytes()
         self.model, self.model_sha256 = Path(model), model_sha256
 
     def _cache_key(self, path: Path) -> dict:
@@ -70,11 +86,13 @@ class WeightCache:
         """`compile_with(cache path)` -> model, mapping a trusted cache ("loaded") or building a new
         one ("built")."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(self.path.name + ".lock"), "a+") as lock:
+        with open(self.lock, "a+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released by the kernel if this process dies
             if self._trusted():
                 try:
-                    return compile_with(str(self.path)), "loaded"
+                    model = compile_with(str(self.path))
+                    os.utime(self.record)  # its mtime says when the cache was last used (prune)
+                    return model, "loaded"
                 except (RuntimeError, ValueError):
                     pass  # a cache XNNPACK will not take: build a new one
             self.record.unlink(missing_ok=True)
@@ -89,4 +107,39 @@ class WeightCache:
                     write_bytes_atomic(self.record, json.dumps(record, indent=1).encode())
             finally:
                 building.unlink(missing_ok=True)
-            return model, "built"
+        prune(self.path.parent, keep=self.path, budget=self.budget)
+        return model, "built"
+
+
+def last_used(cache: Path) -> float:
+    """When `cache` was last built or mapped: its record's mtime (0 for a cache without one)."""
+    try:
+        return cache.with_name(cache.name + ".json").stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def prune(folder: Path, keep: Path, budget: int) -> list[Path]:
+    """Deletes the least recently used caches in `folder` other than `keep` until the caches left
+    fit in `budget` bytes; a cache whose lock another process holds is left. Returns the deleted."""
+    caches = sorted(folder.glob("*" + SUFFIX), key=last_used, reverse=True)
+    caches.sort(key=lambda c: c != keep)  # stable: `keep` first, then the most recently used
+    total, deleted = 0, []
+    for cache in caches:
+        try:
+            size = cache.stat().st_size
+        except OSError:
+            continue
+        if cache == keep or total + size <= budget:
+            total += size
+            continue
+        with open(cache.with_name(cache.name + ".lock"), "a+") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # being built or mapped now
+                total += size
+                continue
+            cache.with_name(cache.name + ".json").unlink(missing_ok=True)
+            cache.unlink(missing_ok=True)
+        deleted.append(cache)
+    return deleted

@@ -88,6 +88,31 @@ def test_a_damaged_cache_is_rebuilt_not_used(tiny_bundle, tiny_int4_bundle, tmp_
     assert Session(tiny_bundle, weight_cache_dir=cache_dir).engine.core.weight_cache == "loaded"
 
 
+def test_the_weight_cache_folder_keeps_to_its_budget(tiny_bundle, tiny_int4_bundle, tmp_path, monkeypatch):
+    from runtime.weight_cache import prune
+
+    cache_dir = tmp_path / "cache"
+    Session(tiny_bundle, weight_cache_dir=cache_dir)
+    (float_cache,) = cache_dir.glob("*.xnnpack_cache")
+    monkeypatch.setenv("G3N_WEIGHT_CACHE_BYTES", str(float_cache.stat().st_size))  # room for one cache
+    with open(float_cache.with_name(float_cache.name + ".lock"), "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a process building or mapping it would
+        Session(tiny_int4_bundle, weight_cache_dir=cache_dir)
+        assert float_cache.is_file()  # over budget, but in use
+    (int4_cache,) = set(cache_dir.glob("*.xnnpack_cache")) - {float_cache}
+    assert Session(tiny_bundle, weight_cache_dir=cache_dir).engine.core.weight_cache == "loaded"
+    # the int4 cache is now the least recently used one
+    assert prune(cache_dir, keep=float_cache, budget=float_cache.stat().st_size) == [int4_cache]
+    assert not int4_cache.exists() and not int4_cache.with_name(int4_cache.name + ".json").exists()
+    again = Session(tiny_int4_bundle, weight_cache_dir=cache_dir)  # built again, and the float one goes
+    assert again.engine.core.weight_cache == "built"
+    assert sorted(cache_dir.glob("*.xnnpack_cache")) == [int4_cache]
+    assert again.generate(PROMPT, max_new_tokens=8).token_ids == reference_tokens(tiny_int4_bundle)
+    monkeypatch.setenv("G3N_WEIGHT_CACHE_BYTES", "8G")
+    with pytest.raises(ValueError, match="G3N_WEIGHT_CACHE_BYTES must be a number of bytes"):
+        Session(tiny_bundle, weight_cache_dir=cache_dir)
+
+
 def test_a_changed_text_core_never_meets_its_old_cache(tiny_bundle, tmp_path):
     folder = copy_bundle(tiny_bundle, tmp_path / "bundle")
     cache_dir = tmp_path / "cache"
