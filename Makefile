@@ -60,8 +60,10 @@ bench: setup
 	$(BIN)/python bench/run.py --out docs/BENCHMARKS.md
 	$(BIN)/python bench/matformer.py --out docs/MATFORMER.md
 	$(BIN)/python bench/context.py --out docs/CONTEXT.md --e4b
+	$(BIN)/python bench/litertlm_settings.py --out docs/LITERTLM_SETTINGS.md
 	$(BIN)/python bench/llamacpp.py --out docs/LLAMACPP.md
 	$(BIN)/python bench/export_hf.py --out docs/EXPORT_HF.md
+	$(BIN)/python bench/e4b.py --out docs/E4B.md
 	$(BIN)/python bench/summary.py --page docs/BENCHMARKS.md
 
 clean:

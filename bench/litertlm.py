@@ -59,12 +59,14 @@ def _weight_cache_warm(litertlm_file: Path, cache_dir: str | None) -> bool:
     return (folder / f"{litertlm_file.name}_{int(stat.st_mtime)}_{stat.st_size}.xnnpack_cache").is_file()
 
 
-def run(litertlm_file, prompt_tokens: int, new_tokens: int, threads: int, cache_dir: str | None = None) -> dict:
+def run(litertlm_file, prompt_tokens: int, new_tokens: int, threads: int, cache_dir: str | None = None,
+        ringbuffers: bool | None = None, ynnpack: bool | None = None) -> dict:
     """Load `litertlm_file` with LiteRT-LM on the CPU, prefill `prompt_tokens`, decode `new_tokens`.
 
     Returns {load_s, ttft_s, prefill_tok_s, decode_tok_s} as LiteRT-LM measures them (load_s is
     its engine + session initialisation), plus the token counts it actually ran, whether the
-    XNNPACK weight cache already existed, and this process's peak RSS."""
+    XNNPACK weight cache already existed, and this process's peak RSS. `ringbuffers` / `ynnpack`:
+    LiteRT-LM's use_ringbuffers_local_attention / enable_ynnpack settings (None: its default)."""
     import litert_lm
 
     litertlm_file = Path(litertlm_file)
@@ -79,6 +81,8 @@ def run(litertlm_file, prompt_tokens: int, new_tokens: int, threads: int, cache_
         decode_tokens=new_tokens,
         cache_dir=cache_dir,
         prompt=prompt_text(prompt_tokens),
+        use_ringbuffers_local_attention=ringbuffers,
+        enable_ynnpack=ynnpack,
     ).run()
     # Benchmark.run() does not raise when generation fails part way (LiteRT-LM logs the reason,
     # e.g. a sampled id the tokenizer cannot detokenize); it reports no decode turn instead.
@@ -92,6 +96,8 @@ def run(litertlm_file, prompt_tokens: int, new_tokens: int, threads: int, cache_
         "prefill_tokens": info.last_prefill_token_count,
         "decode_tokens": info.last_decode_token_count,
         "threads": threads,
+        "ringbuffers": ringbuffers,
+        "ynnpack": ynnpack,
         "weight_cache_warm": warm,
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # Linux: KiB
     }
@@ -110,6 +116,8 @@ def main(argv=None) -> None:
     r.add_argument("--threads", type=int, default=2)
     r.add_argument("--cache-dir", default=None,
                    help="where LiteRT-LM keeps its XNNPACK weight cache (default: next to the file; ':nocache' for none)")
+    for flag, setting in (("ringbuffers", "use_ringbuffers_local_attention"), ("ynnpack", "enable_ynnpack")):
+        r.add_argument(f"--{flag}", choices=["on", "off"], default=None, help=f"LiteRT-LM's {setting} (default: its own)")
     r.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
 
@@ -117,7 +125,9 @@ def main(argv=None) -> None:
         out = pack(args.bundle, args.out)
         print(f"{out} ({out.stat().st_size / 2**20:,.1f} MiB)")
         return
-    stats = run(args.litertlm, args.prompt_tokens, args.new_tokens, args.threads, args.cache_dir)
+    setting = {"on": True, "off": False, None: None}
+    stats = run(args.litertlm, args.prompt_tokens, args.new_tokens, args.threads, args.cache_dir,
+                setting[args.ringbuffers], setting[args.ynnpack])
     if args.json:
         print(json.dumps(stats))
     else:

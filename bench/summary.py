@@ -1,9 +1,9 @@
 """make bench, last step: the ratios of every side-by-side comparison in one table at the top of
 docs/BENCHMARKS.md, read from the other benchmarks' JSON (bench/context.py, bench/llamacpp.py,
-bench/export_hf.py, each measured in one run on one machine). Ratios are g3n over the other
+bench/export_hf.py, bench/e4b.py, bench/litertlm_settings.py, each measured in one run on one machine). Ratios are g3n over the other
 engine or setting: above 1 is faster (tok/s) or bigger (bytes, seconds).
 
-    python bench/summary.py [--page docs/BENCHMARKS.md] [--context DIR] [--llamacpp DIR] [--export-hf DIR]
+    python bench/summary.py [--page docs/BENCHMARKS.md] [--context DIR] [--llamacpp DIR] [--export-hf DIR] [--e4b DIR]
 """
 
 from __future__ import annotations
@@ -71,12 +71,37 @@ def export_rows(data: dict) -> list[str]:
             f"{data['machine']}, {data['date']} |"]
 
 
+def e4b_rows(data: dict) -> list[str]:
+    rows = [r for r in data["rows"] if not r.get("error") and r.get("weight_cache") != "built"]
+    out = []
+    for prompt in sorted({r["prompt"] for r in rows if r["engine"] == "litert-lm"}):
+        g = {k: median(rows, k, engine="compiled", prompt=prompt) for k in ("prefill_tokens_per_second", "decode_tokens_per_second", "peak_rss")}
+        lm = {k: median(rows, k, engine="litert-lm", prompt=prompt) for k in ("prefill_tokens_per_second", "decode_tokens_per_second", "peak_rss")}
+        out.append(f"| g3n-run / LiteRT-LM, E4B int4, cache 1,280, {prompt:,}-token prompt | {ratio(g['prefill_tokens_per_second'], lm['prefill_tokens_per_second'])} | "
+                   f"{ratio(g['decode_tokens_per_second'], lm['decode_tokens_per_second'])} | {ratio(g['peak_rss'], lm['peak_rss'])} | E4B.md | "
+                   f"{data['machine']}, {data['date']} |")
+    return out
+
+
+def settings_rows(data: dict) -> list[str]:
+    rows = [r for r in data["rows"] if "error" not in r]
+    g = {k: median(rows, k, engine="g3n-run") for k in ("prefill", "decode", "peak_rss")}
+    out = []
+    for engine in dict.fromkeys(r["engine"] for r in rows if r["engine"] != "g3n-run"):
+        lm = {k: median(rows, k, engine=engine) for k in ("prefill", "decode", "peak_rss")}
+        out.append(f"| g3n-run / {engine}, E2B int4, cache 4,096, 1,024-token prompt | {ratio(g['prefill'], lm['prefill'])} | "
+                   f"{ratio(g['decode'], lm['decode'])} | {ratio(g['peak_rss'], lm['peak_rss'])} | LITERTLM_SETTINGS.md | "
+                   f"{data['machine']}, {data['date']} |")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--page", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
     parser.add_argument("--context", type=Path, default=TMP / "g3n-context")
     parser.add_argument("--llamacpp", type=Path, default=TMP / "g3n-llamacpp")
     parser.add_argument("--export-hf", type=Path, default=TMP / "g3n-export-hf")
+    parser.add_argument("--e4b", type=Path, default=TMP / "g3n-e4b")
     args = parser.parse_args()
     lines = [BEGIN, "## Ratios at a glance", "",
              "g3n over the other engine or setting, each pair measured side by side in one run on one machine "
@@ -84,8 +109,9 @@ def main() -> None:
              "Memory and size: above 1 is g3n bigger.", "",
              "| comparison | prefill (or wall time) | decode (or file size) | peak RSS | page | machine, date |",
              "|---|---:|---:|---:|---|---|"]
-    for name, folder, rows in (("context.json", args.context, context_rows), ("llamacpp.json", args.llamacpp, llamacpp_rows),
-                               ("export_hf.json", args.export_hf, export_rows)):
+    for name, folder, rows in (("context.json", args.context, context_rows), ("litertlm_settings.json", args.context, settings_rows),
+                               ("llamacpp.json", args.llamacpp, llamacpp_rows),
+                               ("export_hf.json", args.export_hf, export_rows), ("e4b.json", args.e4b, e4b_rows)):
         path = folder / name
         if path.is_file():
             lines += rows(json.loads(path.read_text()))
