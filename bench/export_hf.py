@@ -59,12 +59,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "g3n-export-hf")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "EXPORT_HF.md")
+    parser.add_argument("--render-only", action="store_true", help="rewrite --out from --work's export_hf.json, converting nothing")
     parser.add_argument("--litert-torch", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)  # internal: run its CLI
     args = parser.parse_args()
     if args.litert_torch is not None:
         run_litert_torch_export(args.litert_torch)
         return
     work = args.work
+    if args.render_only:
+        data = json.loads((work / "export_hf.json").read_text())
+        for name, out in (("g3n-convert", work / "g3n"), ("litert-torch export_hf", work / "litert-torch")):
+            if "sections" not in data["results"][name] and data["results"][name].get("file"):
+                data["results"][name]["sections"] = sections(out / data["results"][name]["file"])
+        (work / "export_hf.json").write_text(json.dumps(data, indent=1))
+        render(data, args.out)
+        return
     work.mkdir(parents=True, exist_ok=True)
     checkpoint = work / f"e2b-{LAYERS}-layers"
     if not (checkpoint / "config.json").is_file():
@@ -84,12 +93,20 @@ def main() -> None:
         print(f"converting with {name} ...", flush=True)
         _, result = measured_run(cmd, offline)
         files = sorted(out.glob("*.litertlm"))
-        results[name] = {**result, "bytes": files[0].stat().st_size if files else None, "file": files[0].name if files else None}
+        results[name] = {**result, "bytes": files[0].stat().st_size if files else None, "file": files[0].name if files else None,
+                         "sections": sections(files[0]) if files else []}
         print(f"  {results[name]}", flush=True)
     data = {"results": results, "checkpoint_bytes": sum(f.stat().st_size for f in checkpoint.glob("*.safetensors")),
             "machine": f"{machine()}; CPU flags {cpu_features()}", "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
     (work / "export_hf.json").write_text(json.dumps(data, indent=1))
     render(data, args.out)
+
+
+def sections(path: Path) -> list[list]:
+    """[model type (or "tokenizer / metadata"), bytes] for each section of a .litertlm."""
+    from bundle.litertlm import read_sections
+
+    return [[s.model_type or "tokenizer / metadata", s.bytes] for s in read_sections(path)]
 
 
 def render(data: dict, out: Path) -> None:
@@ -122,6 +139,16 @@ def render(data: dict, out: Path) -> None:
     if "error" not in g3n and "error" not in theirs:
         lines += ["", f"g3n-convert / export_hf: wall time {g3n['seconds'] / theirs['seconds']:.2f}, "
                       f"peak RSS {g3n['peak_rss'] / theirs['peak_rss']:.2f}, file size {g3n['bytes'] / theirs['bytes']:.2f}."]
+    if g3n.get("sections") and theirs.get("sections"):
+        lines += ["", "| converter | section | bytes |", "|---|---|---:|"]
+        for name in ("g3n-convert", "litert-torch export_hf"):
+            lines += [f"| {name} | {kind} | {size:,} |" for kind, size in results[name]["sections"]]
+        embedder = sum(size for kind, size in g3n["sections"] if kind == "tf_lite_embedder")
+        lines += ["", f"Where the file sizes part: export_hf's single model holds the 262,400 x 2,048 token table once and "
+                      "uses it both to look tokens up and as the LM head. g3n writes the embedder as its own section, as "
+                      "Google's Gemma 3n .litertlm files do (LiteRT-LM's Gemma 3n executor loads it apart, and g3n-run reads "
+                      "only the rows a prompt looks up), and its text core keeps the LM head: the table is stored twice. "
+                      f"The embedder section is {embedder:,} B; the files differ by {g3n['bytes'] - theirs['bytes']:,} B."]
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")
 
