@@ -38,7 +38,8 @@ SETTINGS = {  # name -> bench/litertlm.py run flags
 def litertlm_run(packed: Path, flags: list[str], cache_dir: Path) -> dict:
     stdout, result = measured_run([str(LITERTLM_PYTHON), str(ROOT / "bench" / "litertlm.py"), "run", str(packed),
                                    "--prompt-tokens", str(PROMPT), "--new-tokens", str(NEW_TOKENS), "--threads", str(THREADS),
-                                   "--cache-dir", str(cache_dir), "--json", *flags])
+                                   "--cache-dir", str(cache_dir), "--json", *flags],
+                                  reason="Failed to create engine: ")
     if "error" in result:
         return {"error": result["error"]}
     lm = json.loads(stdout.strip().splitlines()[-1])
@@ -50,7 +51,14 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "g3n-context")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "LITERTLM_SETTINGS.md")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--render-only", action="store_true", help="rewrite --out from --work's litertlm_settings.json")
+    parser.add_argument("--rerun-failures", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rerun_failures:
+        rerun_failures(args.work)
+    if args.render_only or args.rerun_failures:
+        render(json.loads((args.work / "litertlm_settings.json").read_text()), args.out)
+        return
     args.work.mkdir(parents=True, exist_ok=True)
     folder, _ = convert("e2b", CACHE, True, args.work)
     scratch = args.work / "scratch"
@@ -88,6 +96,17 @@ def main() -> None:
     render(data, args.out)
 
 
+def rerun_failures(work: Path) -> None:
+    """Run each refused setting once more, to record LiteRT-LM's logged reason."""
+    data = json.loads((work / "litertlm_settings.json").read_text())
+    packed = work / "scratch" / "e2b-4096-ring.litertlm"
+    for row in data["rows"]:
+        if "error" in row and row["engine"].startswith("LiteRT-LM, "):
+            name = row["engine"].removeprefix("LiteRT-LM, ")
+            row.update(litertlm_run(packed, SETTINGS[name], work / "scratch" / f"litertlm-cache-{list(SETTINGS).index(name)}"))
+    (work / "litertlm_settings.json").write_text(json.dumps(data, indent=1))
+
+
 def render(data: dict, out: Path) -> None:
     lines = [
         "# LiteRT-LM at its CPU settings, against g3n-run",
@@ -120,6 +139,14 @@ def render(data: dict, out: Path) -> None:
         ratios = (f"{g['prefill'] / m['prefill']:.2f} | {g['decode'] / m['decode']:.2f}" if g else " | ")
         lines.append(f"| {engine} | {sum('error' not in r for r in rs)} | {m['load']:.2f} s | {m['prefill']:.1f} | {m['decode']:.2f} | "
                      f"{m['peak_rss'] / 2**20:,.0f} MiB | {ratios} |")
+    best = max((e for e in med if e != "g3n-run"), key=lambda e: med[e]["decode"], default=None)
+    if best and g:
+        lines += ["", f"LiteRT-LM's best setting here is **{best.removeprefix('LiteRT-LM, ')}** (fastest decode); against it "
+                      f"g3n-run prefills at {g['prefill'] / med[best]['prefill']:.2f}x, decodes at {g['decode'] / med[best]['decode']:.2f}x, "
+                      f"loads in {g['load'] / med[best]['load']:.2f}x the time and peaks at {g['peak_rss'] / med[best]['peak_rss']:.2f}x the RSS."]
+    if any("UNIMPLEMENTED" in r.get("error", "") for r in data["rows"]):
+        lines += ["", "A setting with YNNPACK does not start: LiteRT-LM logs `UNIMPLEMENTED` while it creates the compiled "
+                      "model, so this litert-lm-api build has no YNNPACK on the CPU and XNNPACK serves every setting."]
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")
 

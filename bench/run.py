@@ -69,10 +69,11 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}), {mem_kb / 2**20:.0f} GiB RAM, Python {platform.python_version()}"
 
 
-def measured_run(cmd: list[str], env: dict | None = None) -> tuple[str, dict]:
+def measured_run(cmd: list[str], env: dict | None = None, reason: str | None = None) -> tuple[str, dict]:
     """Run `cmd` as its own process; returns its stdout and {seconds, peak_rss} (from wait4),
-    plus "error" (its last stderr line) when it failed. Output goes through temporary files so
-    that wait4, not communicate(), reaps the process and reports its rusage."""
+    plus "error" (its last stderr line, after the first line holding `reason` if one does) when it
+    failed. Output goes through temporary files so that wait4, not communicate(), reaps the
+    process and reports its rusage."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, text=True, env=env)
@@ -83,6 +84,9 @@ def measured_run(cmd: list[str], env: dict | None = None) -> tuple[str, dict]:
         stdout, stderr = out.read(), err.read().strip()
     if os.waitstatus_to_exitcode(status) != 0:
         result["error"] = stderr.splitlines()[-1] if stderr else f"exit status {status}"
+        logged = [line for line in stderr.splitlines() if reason and reason in line]
+        if logged:
+            result["error"] += f"; logged: {logged[0][logged[0].index(reason):]}"
     return stdout, result
 
 
