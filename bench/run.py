@@ -478,7 +478,9 @@ def main() -> None:
         "",
         "MatFormer configurations of E4B (sizes, speed, memory next to MMLU) are in [MATFORMER.md](MATFORMER.md). "
         "Speed against the context in use at several cache lengths (g3n-run and LiteRT-LM), and a text session's "
-        "memory against the 2 GB / 3 GB targets, are in [CONTEXT.md](CONTEXT.md).",
+        "memory against the 2 GB / 3 GB targets, are in [CONTEXT.md](CONTEXT.md); LiteRT-LM at each of its CPU settings in "
+        "[LITERTLM_SETTINGS.md](LITERTLM_SETTINGS.md); llama.cpp in [LLAMACPP.md](LLAMACPP.md); litert-torch's export_hf in "
+        "[EXPORT_HF.md](EXPORT_HF.md); E4B with images and audio in [E4B.md](E4B.md).",
         "",
         "Produced by `make bench` (bench/run.py). Numbers are from the machine and date below; re-run to refresh.",
         "",
