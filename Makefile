@@ -32,7 +32,7 @@ adb:
 
 # The tiny bundle folder the tests convert is kept under artifacts/ (CI publishes it).
 test: setup
-	G3N_ARTIFACTS=artifacts $(BIN)/python -m pytest -q
+	G3N_ARTIFACTS=artifacts $(BIN)/python -m pytest -q --durations=20
 
 # The long fuzz run (a short one is part of make test): a table of counts in docs/RELIABILITY.md.
 FUZZ_CASES ?= 200
