@@ -32,7 +32,7 @@ def spans_case(tiny_text_checkpoint, tmp_path_factory):
     checkpoint = vary_final_norm(shutil.copytree(tiny_text_checkpoint, root / "tiny-varied"))
     folder = root / "bundle"
     convert(ConvertOptions(out=folder, checkpoint=checkpoint, prefill_lengths=TINY_PREFILL, cache_length=TINY_CACHE,
-                           context_spans=SPANS))
+                           context_spans=SPANS, quality_report=False))
     return checkpoint, folder
 
 
