@@ -103,18 +103,24 @@ def main() -> None:
     parser.add_argument("--export-hf", type=Path, default=TMP / "g3n-export-hf")
     parser.add_argument("--e4b", type=Path, default=TMP / "g3n-e4b")
     args = parser.parse_args()
-    lines = [BEGIN, "## Ratios at a glance", "",
-             "g3n over the other engine or setting, each pair measured side by side in one run on one machine "
-             "(medians of its runs; the page named holds every figure and its command). Speed: above 1 is g3n faster. "
-             "Memory and size: above 1 is g3n bigger.", "",
-             "| comparison | prefill (or wall time) | decode (or file size) | peak RSS | page | machine, date |",
-             "|---|---:|---:|---:|---|---|"]
+    table = []
     for name, folder, rows in (("context.json", args.context, context_rows), ("litertlm_settings.json", args.context, settings_rows),
                                ("llamacpp.json", args.llamacpp, llamacpp_rows),
                                ("export_hf.json", args.export_hf, export_rows), ("e4b.json", args.e4b, e4b_rows)):
         path = folder / name
         if path.is_file():
-            lines += rows(json.loads(path.read_text()))
+            table += rows(json.loads(path.read_text()))
+    # Every row ends with its machine and date; when they are all one, say it once.
+    places = {row.rstrip(" |").rsplit("|", 1)[1].strip() for row in table}
+    one_place = len(places) == 1
+    if one_place:
+        table = [row.rstrip(" |").rsplit("|", 1)[0] + "|" for row in table]
+    lines = [BEGIN, "## Ratios at a glance", "",
+             "g3n over the other engine or setting, each pair measured side by side in one run on one machine "
+             "(medians of its runs; the page named holds every figure and its command). Speed: above 1 is g3n faster. "
+             "Memory, file size and wall time: above 1 is g3n bigger or slower." + (f" All measured on {places.pop()}." if one_place else ""), "",
+             "| comparison | prefill (or wall time) | decode (or file size) | peak RSS | page |" + ("" if one_place else " machine, date |"),
+             "|---|---:|---:|---:|---|" + ("" if one_place else "---|"), *table]
     lines += ["", END]
     page = args.page.read_text()
     if BEGIN in page:
