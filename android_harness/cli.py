@@ -13,7 +13,6 @@ import click
 
 from android_harness.adb import Adb, Device, check_ready, choose_device, quote
 from android_harness.push import DEVICE_ROOT, default_dest, push_source, read_source, verify_on_device
-from bundle import names
 from bundle.errors import DeviceError, G3nError
 
 EPILOG = f"""\b
