@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -26,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.context import cpu_features  # noqa: E402
-from bench.run import CONVERT, machine, measured_run, run_generation  # noqa: E402
+from bench.run import CONVERT, machine, measured_run, medians, run_generation  # noqa: E402
 
 TEXT_PROMPTS = (128, 512)
 FIGURES = ("load_seconds", "time_to_first_token_seconds", "prefill_tokens_per_second", "decode_tokens_per_second", "peak_rss")
@@ -116,26 +115,18 @@ def render(data: dict, out: Path) -> None:
         "| engine | prompt tokens | weight cache | runs | load | time to first token | prefill tok/s | decode tok/s | peak RSS |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
-    groups: dict[tuple, list] = {}
-    for r in data["rows"]:
-        if r["error"]:
-            lines.append(f"| {r['engine']} | {r['prompt']} | | 1 | failed: {r['error']} | | | | |")
-            continue
-        key = (r["engine"], r["prompt"], r["weight_cache"])
-        groups.setdefault(key, []).append(r)
-    medians = {}
-    for (engine, prompt, cache), rs in groups.items():
-        m = {k: statistics.median(r[k] for r in rs) for k in FIGURES}
-        m["prompt_tokens"] = rs[0]["prompt_tokens"]
+    lines += [f"| {r['engine']} | {r['prompt']} | | 1 | failed: {r['error']} | | | | |" for r in data["rows"] if r["error"]]
+    warm = {}
+    for (engine, prompt, cache), m in medians(data["rows"], ("engine", "prompt", "weight_cache"), (*FIGURES, "prompt_tokens")).items():
         if cache != "built":
-            medians[(engine, prompt)] = m
-        lines.append(f"| {engine} | {m['prompt_tokens']} | {cache} | {len(rs)} | {m['load_seconds']:.2f} s | "
+            warm[(engine, prompt)] = m
+        lines.append(f"| {engine} | {m['prompt_tokens']:.0f} | {cache} | {m['runs']} | {m['load_seconds']:.2f} s | "
                      f"{m['time_to_first_token_seconds']:.3f} s | {m['prefill_tokens_per_second']:.1f} | "
                      f"{m['decode_tokens_per_second']:.2f} | {m['peak_rss'] / 2**20:,.0f} MiB |")
     lines += ["", "g3n-run / LiteRT-LM on the same weights (warm caches; speed above 1.00 and RSS below 1.00 favour g3n-run):", "",
               "| prompt tokens | load ratio (inverted) | prefill ratio | decode ratio | peak RSS ratio |", "|---:|---:|---:|---:|---:|"]
-    for prompt in sorted({p for _, p in medians}):
-        g, lm = medians.get(("compiled", prompt)), medians.get(("litert-lm", prompt))
+    for prompt in sorted({p for _, p in warm}):
+        g, lm = warm.get(("compiled", prompt)), warm.get(("litert-lm", prompt))
         if g and lm:
             lines.append(f"| {prompt} | {lm['load_seconds'] / g['load_seconds']:.2f} | "
                          f"{g['prefill_tokens_per_second'] / lm['prefill_tokens_per_second']:.2f} | "

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -24,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.context import convert, cpu_features  # noqa: E402
-from bench.run import CONVERT, LITERTLM_PYTHON, NEW_TOKENS, machine, measured_run, run_generation  # noqa: E402
+from bench.run import CONVERT, LITERTLM_PYTHON, NEW_TOKENS, machine, measured_run, medians, run_generation  # noqa: E402
 
 CACHE, PROMPT, THREADS = 4096, 1024, 2
 SETTINGS = {  # name -> bench/litertlm.py run flags
@@ -52,11 +51,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "LITERTLM_SETTINGS.md")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--render-only", action="store_true", help="rewrite --out from --work's litertlm_settings.json")
-    parser.add_argument("--rerun-failures", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.rerun_failures:
-        rerun_failures(args.work)
-    if args.render_only or args.rerun_failures:
+    if args.render_only:
         render(json.loads((args.work / "litertlm_settings.json").read_text()), args.out)
         return
     args.work.mkdir(parents=True, exist_ok=True)
@@ -96,17 +92,6 @@ def main() -> None:
     render(data, args.out)
 
 
-def rerun_failures(work: Path) -> None:
-    """Run each refused setting once more, to record LiteRT-LM's logged reason."""
-    data = json.loads((work / "litertlm_settings.json").read_text())
-    packed = work / "scratch" / "e2b-4096-ring.litertlm"
-    for row in data["rows"]:
-        if "error" in row and row["engine"].startswith("LiteRT-LM, "):
-            name = row["engine"].removeprefix("LiteRT-LM, ")
-            row.update(litertlm_run(packed, SETTINGS[name], work / "scratch" / f"litertlm-cache-{list(SETTINGS).index(name)}"))
-    (work / "litertlm_settings.json").write_text(json.dumps(data, indent=1))
-
-
 def render(data: dict, out: Path) -> None:
     lines = [
         "# LiteRT-LM at its CPU settings, against g3n-run",
@@ -122,22 +107,16 @@ def render(data: dict, out: Path) -> None:
         "| engine, settings | runs | load | prefill tok/s | decode tok/s | peak RSS | g3n-run prefill / this | g3n-run decode / this |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    groups: dict[str, list] = {}
-    for r in data["rows"]:
-        groups.setdefault(r["engine"], []).append(r)
-    med = {}
-    for engine, rs in groups.items():
-        ok = [r for r in rs if "error" not in r]
-        if ok:
-            med[engine] = {k: statistics.median(r[k] for r in ok) for k in ("load", "prefill", "decode", "peak_rss")}
+    med = {engine: m for (engine,), m in medians(data["rows"], ("engine",), ("load", "prefill", "decode", "peak_rss")).items()}
     g = med.get("g3n-run")
-    for engine, rs in groups.items():
+    for engine in dict.fromkeys(r["engine"] for r in data["rows"]):
         if engine not in med:
-            lines.append(f"| {engine} | 0 | failed: {rs[0]['error']} | | | | | |")
+            error = next(r["error"] for r in data["rows"] if r["engine"] == engine)
+            lines.append(f"| {engine} | 0 | failed: {error} | | | | | |")
             continue
         m = med[engine]
         ratios = (f"{g['prefill'] / m['prefill']:.2f} | {g['decode'] / m['decode']:.2f}" if g else " | ")
-        lines.append(f"| {engine} | {sum('error' not in r for r in rs)} | {m['load']:.2f} s | {m['prefill']:.1f} | {m['decode']:.2f} | "
+        lines.append(f"| {engine} | {m['runs']} | {m['load']:.2f} s | {m['prefill']:.1f} | {m['decode']:.2f} | "
                      f"{m['peak_rss'] / 2**20:,.0f} MiB | {ratios} |")
     best = max((e for e in med if e != "g3n-run"), key=lambda e: med[e]["decode"], default=None)
     if best and g:

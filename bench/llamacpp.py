@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tarfile
@@ -31,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.context import cpu_features  # noqa: E402
-from bench.run import CONVERT, NEW_TOKENS, machine, measured_run, run_generation  # noqa: E402
+from bench.run import CONVERT, NEW_TOKENS, machine, measured_run, medians, run_generation  # noqa: E402
 
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"  # its sdist vendors llama.cpp with Gemma 3n support
 QUANTS = ("Q4_0", "Q4_K_M")
@@ -164,12 +163,8 @@ def main() -> None:
 
 def render(data: dict, out: Path) -> None:
     rows = data["rows"]
-    med = {}
-    for engine, prompt in sorted({(r["engine"], r["prompt"]) for r in rows}, key=lambda k: (k[1], k[0])):
-        runs = [r for r in rows if (r["engine"], r["prompt"]) == (engine, prompt) and not r.get("error")]
-        if runs:
-            med[(engine, prompt)] = {k: statistics.median(r[k] for r in runs)
-                                     for k in ("prefill_tokens_per_second", "decode_tokens_per_second", "peak_rss")} | {"runs": len(runs)}
+    figures = medians(rows, ("engine", "prompt"), ("prefill_tokens_per_second", "decode_tokens_per_second", "peak_rss"))
+    med = {key: figures[key] for key in sorted(figures, key=lambda k: (k[1], k[0]))}
     lines = [
         "# g3n-run against llama.cpp",
         "",

@@ -274,6 +274,16 @@ def summarize(runs: list) -> list:
     return out
 
 
+def medians(rows: list[dict], by: tuple[str, ...], figures: tuple[str, ...]) -> dict[tuple, dict]:
+    """Rows that did not fail, grouped by their `by` fields in the order first seen: each group's
+    median of every figure, and "runs", how many rows it has."""
+    groups: dict[tuple, list] = {}
+    for r in rows:
+        if not r.get("error"):
+            groups.setdefault(tuple(r[k] for k in by), []).append(r)
+    return {key: {f: statistics.median(r[f] for r in rs) for f in figures} | {"runs": len(rs)} for key, rs in groups.items()}
+
+
 def text_weights_and_cache(folder: Path) -> int:
     """Bytes of the text bundles plus the KV cache: what a text-only session must hold."""
     manifest = read_manifest(folder)

@@ -35,7 +35,7 @@ from bundle.errors import BundleError
 from bundle.manifest import Manifest, open_bundle
 from bundle.native_logs import quiet_native_logs
 from runtime.pages import release_file_pages
-from runtime.weight_cache import WeightCache
+from runtime.weight_cache import SUFFIX as CACHE_SUFFIX, WeightCache
 
 LOAD_ORDER = (names.TEXT_CORE, names.EMBEDDER, names.PLE)  # the text bundles, in the order they load
 # Relative costs for planning prompt chunks, in prefill positions (E2B int4, 2 threads: a decode
@@ -206,7 +206,7 @@ class TextEngine:
         if backend == "compiled" and not reference:
             weight_cache = None
             if weight_cache_dir is not None and names.TEXT_CORE not in (files or {}):
-                cache_file = Path(weight_cache_dir) / f"{names.TEXT_CORE}-{core_entry.sha256[:16]}.xnnpack_cache"
+                cache_file = Path(weight_cache_dir) / f"{names.TEXT_CORE}-{core_entry.sha256[:16]}{CACHE_SUFFIX}"
                 weight_cache = WeightCache(cache_file, paths[names.TEXT_CORE], verified_sha256)
             self.core = CompiledCore(paths[names.TEXT_CORE], cache_shapes, num_threads, weight_cache, logit_signatures)
         elif backend in ("compiled", "interpreter"):

@@ -62,8 +62,7 @@ class WeightCache:
     def __init__(self, path: Path, model: Path, model_sha256: str | None):
         """`model_sha256`: the text core's sha256 if the caller has checked the file against it."""
         self.path = Path(path)
-        self.record = self.path.with_name(self.path.name + ".json")
-        self.lock = self.path.with_name(self.path.name + ".lock")
+        self.record, self.lock = record_of(self.path), lock_of(self.path)
         self.budget = budget_bytes()
         self.model, self.model_sha256 = Path(model), model_sha256
 
@@ -111,10 +110,25 @@ class WeightCache:
         return model, "built"
 
 
+def record_of(cache: Path) -> Path:
+    return cache.with_name(cache.name + ".json")
+
+
+def lock_of(cache: Path) -> Path:
+    return cache.with_name(cache.name + ".lock")
+
+
+def size_of(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:  # gone since the folder was listed
+        return 0
+
+
 def last_used(cache: Path) -> float:
     """When `cache` was last built or mapped: its record's mtime (0 for a cache without one)."""
     try:
-        return cache.with_name(cache.name + ".json").stat().st_mtime
+        return record_of(cache).stat().st_mtime
     except OSError:
         return 0.0
 
@@ -122,24 +136,20 @@ def last_used(cache: Path) -> float:
 def prune(folder: Path, keep: Path, budget: int) -> list[Path]:
     """Deletes the least recently used caches in `folder` other than `keep` until the caches left
     fit in `budget` bytes; a cache whose lock another process holds is left. Returns the deleted."""
-    caches = sorted(folder.glob("*" + SUFFIX), key=last_used, reverse=True)
-    caches.sort(key=lambda c: c != keep)  # stable: `keep` first, then the most recently used
-    total, deleted = 0, []
-    for cache in caches:
-        try:
-            size = cache.stat().st_size
-        except OSError:
-            continue
-        if cache == keep or total + size <= budget:
+    others = sorted((c for c in folder.glob("*" + SUFFIX) if c != keep), key=last_used, reverse=True)
+    total, deleted = size_of(keep), []
+    for cache in others:
+        size = size_of(cache)
+        if total + size <= budget:
             total += size
             continue
-        with open(cache.with_name(cache.name + ".lock"), "a+") as lock:
+        with open(lock_of(cache), "a+") as lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:  # being built or mapped now
                 total += size
                 continue
-            cache.with_name(cache.name + ".json").unlink(missing_ok=True)
+            record_of(cache).unlink(missing_ok=True)
             cache.unlink(missing_ok=True)
         deleted.append(cache)
     return deleted
